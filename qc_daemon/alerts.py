@@ -1,0 +1,148 @@
+"""Alerts: decided from stored results, delivered from the outbox table so nothing is lost on a restart.
+
+The structured log event ``alert_raised`` is written at once by the pipeline. The webhook (JSON POST) and the
+exec hook are outbox rows in ``alerts``, written in the same transaction as the result; the dispatcher thread
+delivers due rows and retries failures with exponential backoff until they are delivered. One row per
+(series revision, channel): a revision alerts once per channel.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+
+from qc_daemon.logs import get_logger
+from qc_daemon.settings import AlertSettings
+from qc_daemon.store import AlertChannel, AlertState, SeriesResult, Store, due_alerts, utcnow
+
+log = get_logger(__name__)
+
+
+class DeliveryError(RuntimeError):
+    pass
+
+
+def alert_payload(row: SeriesResult, threshold: float) -> dict:
+    """The JSON an alert carries: UIDs and acquisition context, never patient data."""
+    return {
+        "event": "qc_alert",
+        "series_instance_uid": row.series_instance_uid,
+        "study_instance_uid": row.study_instance_uid,
+        "revision": row.revision,
+        "score": row.score,
+        "threshold": threshold,
+        "station_name": row.station_name,
+        "calling_ae": row.calling_ae,
+        "series_description": row.series_description,
+        "protocol_name": row.protocol_name,
+        "model_sha256": row.model_sha256,
+        "instances": row.instances,
+    }
+
+
+def enabled_channels(settings: AlertSettings) -> tuple[AlertChannel, ...]:
+    channels = []
+    if settings.webhook_url:
+        channels.append(AlertChannel.WEBHOOK)
+    if settings.exec_command:
+        channels.append(AlertChannel.EXEC)
+    return tuple(channels)
+
+
+def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
+    """Delay before the next try after ``attempts`` failures: initial, 2x, 4x, ... capped at ``max_s``."""
+    return min(max_s, initial_s * 2 ** max(0, attempts - 1))
+
+
+def post_webhook(url: str, payload: dict, timeout_s: float) -> None:
+    body = json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            if not 200 <= response.status < 300:
+                raise DeliveryError(f"HTTP {response.status}")
+    except urllib.error.HTTPError as exc:
+        raise DeliveryError(f"HTTP {exc.code}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def run_exec_hook(argv: tuple[str, ...], payload: dict, timeout_s: float) -> None:
+    try:
+        done = subprocess.run(
+            list(argv), input=json.dumps(payload).encode(), capture_output=True, timeout=timeout_s, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+    if done.returncode != 0:
+        raise DeliveryError(f"exit status {done.returncode}: {done.stderr.decode(errors='replace')[:200]}")
+
+
+class AlertDispatcher:
+    def __init__(self, store: Store, settings: AlertSettings, poll_s: float = 1.0):
+        self.store = store
+        self.settings = settings
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qc-alerts", daemon=True)
+
+    def start(self) -> None:
+        if enabled_channels(self.settings):
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.deliver_due()
+            except Exception:  # noqa: BLE001 - e.g. the database is briefly locked; try again next poll
+                log.exception("alert_dispatch_error")
+            self._stop.wait(self.poll_s)
+
+    def deliver_due(self, now: dt.datetime | None = None) -> int:
+        """Try every due alert once; returns how many were delivered."""
+        delivered = 0
+        for channel in enabled_channels(self.settings):
+            with self.store.session() as session:
+                for alert in due_alerts(session, channel, now or utcnow()):
+                    try:
+                        self._deliver(channel, alert.payload)
+                    except DeliveryError as exc:
+                        alert.attempts += 1
+                        alert.last_error = str(exc)[:500]
+                        delay = backoff_s(alert.attempts, self.settings.retry_initial_s, self.settings.retry_max_s)
+                        alert.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
+                        log.warning(
+                            "alert_delivery_failed",
+                            channel=channel.value,
+                            series_instance_uid=alert.payload.get("series_instance_uid"),
+                            attempts=alert.attempts,
+                            retry_in_s=delay,
+                            error=alert.last_error,
+                        )
+                    else:
+                        alert.attempts += 1
+                        alert.state = AlertState.DELIVERED
+                        alert.delivered_at = utcnow()
+                        delivered += 1
+                        log.info(
+                            "alert_delivered",
+                            channel=channel.value,
+                            series_instance_uid=alert.payload.get("series_instance_uid"),
+                        )
+                    session.commit()
+        return delivered
+
+    def _deliver(self, channel: AlertChannel, payload: dict) -> None:
+        if channel is AlertChannel.WEBHOOK:
+            post_webhook(self.settings.webhook_url, payload, self.settings.webhook_timeout_s)
+        else:
+            run_exec_hook(self.settings.exec_command, payload, self.settings.exec_timeout_s)

@@ -1,0 +1,299 @@
+"""``qc-daemon``: run the node, ask it about history, score a file offline, echo a node, check a config.
+
+Exit codes: 0 success, 1 the command failed (message on stderr), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from qc_daemon.settings import Settings, SettingsError, load_settings
+
+DEFAULT_CONFIG_PATHS = (Path("/etc/qc-daemon/config.toml"),)
+
+
+class CliError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = _settings(args.config)
+        return args.run(args, settings)
+    except SettingsError as exc:
+        print(f"qc-daemon: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"qc-daemon: {exc}", file=sys.stderr)
+        return 1
+
+
+def _settings(path: Path | None) -> Settings:
+    if path is not None:
+        return load_settings(path)
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if candidate.is_file():
+            return load_settings(candidate)
+    return load_settings(None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qc-daemon", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="config.toml (default: /etc/qc-daemon/config.toml if it exists, else built-in defaults)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the DICOM node (until SIGTERM/SIGINT)")
+    serve.set_defaults(run=cmd_serve)
+
+    hist = sub.add_parser("history", help="list results, newest first")
+    hist.add_argument("--below", type=float, help="only scored series with score < BELOW")
+    hist.add_argument("--since", type=_since, help="ISO date/time (UTC) or an age such as 24h, 7d, 30m")
+    hist.add_argument("--station", help="only this StationName")
+    hist.add_argument("--status", choices=["pending", "scored", "skipped", "failed"])
+    hist.add_argument("--limit", type=int, default=None)
+    hist.add_argument("--json", action="store_true", help="print a JSON array")
+    hist.set_defaults(run=cmd_history)
+
+    show = sub.add_parser("show", help="every revision of one series, with patch scores")
+    show.add_argument("series_uid")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=cmd_show)
+
+    score = sub.add_parser("score", help="score a NIfTI file or a DICOM folder offline, with the daemon's code")
+    score.add_argument("path", type=Path)
+    score.add_argument("--series", help="SeriesInstanceUID to score when the folder holds several")
+    score.add_argument("--json", action="store_true")
+    score.set_defaults(run=cmd_score)
+
+    echo = sub.add_parser("echo", help="send a C-ECHO (default: to this daemon's configured port)")
+    echo.add_argument("--host", default="127.0.0.1")
+    echo.add_argument("--port", type=int, default=None)
+    echo.add_argument("--aet", default=None, help="called AE title (default: the configured one)")
+    echo.add_argument("--calling-aet", default="QC_ECHO")
+    echo.set_defaults(run=cmd_echo)
+
+    check = sub.add_parser("check-config", help="validate the configuration and the model, print the result")
+    check.set_defaults(run=cmd_check_config)
+    return parser
+
+
+def _since(text: str) -> dt.datetime:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([mhd])", text.strip())
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    if match:
+        amount, unit = float(match.group(1)), match.group(2)
+        return now - dt.timedelta(**{{"m": "minutes", "h": "hours", "d": "days"}[unit]: amount})
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--since {text!r}: expected ISO date/time or e.g. 24h, 7d") from None
+    return value.astimezone(dt.UTC).replace(tzinfo=None) if value.tzinfo else value
+
+
+# ---- commands ---------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args, settings: Settings) -> int:
+    from qc_daemon.logs import configure_logging, get_logger
+    from qc_daemon.scorer import ModelError
+    from qc_daemon.service import Daemon
+
+    configure_logging(settings.logging)
+    log = get_logger("qc_daemon.cli")
+    try:
+        daemon = Daemon(settings)
+    except ModelError as exc:
+        log.error("model_refused", error=str(exc))
+        raise CliError(str(exc)) from exc
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    daemon.start()
+    try:
+        stop.wait()
+    finally:
+        daemon.stop()
+    return 0
+
+
+def _open_store(settings: Settings):
+    from qc_daemon.store import Store
+
+    if not settings.storage.database_url and not (settings.storage.state_dir / "qc.sqlite3").exists():
+        raise CliError(f"no database yet under {settings.storage.state_dir} (has the daemon run?)")
+    return Store(settings.storage.database)
+
+
+def cmd_history(args, settings: Settings) -> int:
+    from qc_daemon.store import SeriesStatus, history
+
+    store = _open_store(settings)
+    with store.session() as session:
+        rows = history(
+            session,
+            below=args.below,
+            since=args.since,
+            station=args.station,
+            status=SeriesStatus(args.status) if args.status else None,
+            limit=args.limit,
+        )
+        if args.json:
+            print(json.dumps([row.to_dict() for row in rows], indent=2))
+        else:
+            _print_table(rows)
+    store.close()
+    return 0
+
+
+def _print_table(rows) -> None:
+    header = f"{'completed (UTC)':19}  {'status':7}  {'score':>5}  {'n':>4}  {'station':12}  {'description':24}  series"
+    print(header)
+    for row in rows:
+        score = f"{row.score:.3f}" if row.score is not None else "-"
+        flag = "!" if row.below_threshold else " "
+        print(
+            f"{row.completed_at:%Y-%m-%d %H:%M:%S}  {row.status.value:7}  {score:>5}{flag} {row.instances:>4}  "
+            f"{(row.station_name or '-')[:12]:12}  {(row.series_description or '-')[:24]:24}  "
+            f"{row.series_instance_uid}" + (f"  ({row.reason})" if row.reason else "")
+        )
+
+
+def cmd_show(args, settings: Settings) -> int:
+    from qc_daemon.store import alerts_for, revisions
+
+    store = _open_store(settings)
+    with store.session() as session:
+        rows = revisions(session, args.series_uid)
+        if not rows:
+            raise CliError(f"no series {args.series_uid!r} in the database")
+        out = []
+        for row in rows:
+            item = row.to_dict(with_patches=True)
+            item["alerts"] = [
+                {"channel": a.channel.value, "state": a.state.value, "attempts": a.attempts, "last_error": a.last_error}
+                for a in alerts_for(session, row.id)
+            ]
+            out.append(item)
+    store.close()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for item in out:
+            for key, value in item.items():
+                if key in ("patch_scores", "patch_origins") and value:
+                    value = f"{len(value)} patches, min {min(item['patch_scores']):.3f}" if key == "patch_scores" else "..."
+                print(f"{key:20} {value}")
+            print()
+    return 0
+
+
+def cmd_score(args, settings: Settings) -> int:
+    from qc_daemon.scorer import ModelError, Scorer
+    from qc_daemon.series import SeriesFailed, SeriesSkipped, classify, read_series
+    from qc_daemon.volume import build_volume, load_nifti
+
+    path: Path = args.path
+    if not path.exists():
+        raise CliError(f"{path} does not exist")
+    try:
+        scorer = Scorer(settings.scoring)
+        if path.is_dir():
+            series = read_series(args.series or "offline", _pick_series(path, args.series))
+            classify(series, settings.assembly.min_slices)
+            volume = build_volume(series)
+        else:
+            volume = load_nifti(path)
+        result = scorer.score_volume(volume)
+    except (SeriesSkipped, SeriesFailed, ModelError) as exc:
+        raise CliError(f"cannot score {path}: {exc}") from exc
+    out = {
+        "path": str(path),
+        "score": result.score,
+        "below_threshold": result.score < settings.alerts.threshold,
+        "threshold": settings.alerts.threshold,
+        "patches": len(result.patch_scores),
+        "seconds": round(result.seconds, 3),
+        "model_sha256": scorer.model_sha256,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{path}: score {result.score:.3f} ({len(result.patch_scores)} patches, {result.seconds:.2f} s)")
+    return 0
+
+
+def _pick_series(folder: Path, series_uid: str | None) -> list[Path]:
+    import pydicom
+
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            uid = str(ds.SeriesInstanceUID)
+        except Exception:  # noqa: BLE001 - not DICOM: ignored in an offline folder scan
+            continue
+        groups.setdefault(uid, []).append(path)
+    if not groups:
+        raise CliError(f"no DICOM files under {folder}")
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise CliError(f"series {series_uid} not found under {folder}")
+        return groups[series_uid]
+    if len(groups) > 1:
+        raise CliError(f"{folder} holds {len(groups)} series; choose one with --series: " + ", ".join(sorted(groups)))
+    return next(iter(groups.values()))
+
+
+def cmd_echo(args, settings: Settings) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=args.calling_aet)
+    ae.add_requested_context(Verification)
+    port = args.port if args.port is not None else settings.dicom.port
+    called = args.aet or settings.dicom.ae_title
+    assoc = ae.associate(args.host, port, ae_title=called)
+    if not assoc.is_established:
+        raise CliError(f"no association with {called}@{args.host}:{port}")
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = getattr(status, "Status", None)
+    if code != 0x0000:
+        raise CliError(f"C-ECHO to {called}@{args.host}:{port} answered {code!r}")
+    print(f"C-ECHO to {called}@{args.host}:{port}: success")
+    return 0
+
+
+def cmd_check_config(args, settings: Settings) -> int:
+    from qc_daemon.scorer import ModelError, Scorer
+
+    try:
+        scorer = Scorer(settings.scoring)
+    except ModelError as exc:
+        raise CliError(f"model: {exc}") from exc
+    summary = {
+        "dicom": f"{settings.dicom.ae_title}@{settings.dicom.host}:{settings.dicom.port}",
+        "state_dir": str(settings.storage.state_dir),
+        "database": settings.storage.database,
+        "spool": str(settings.storage.spool_path),
+        "model": scorer.describe(),
+        "alert_threshold": settings.alerts.threshold,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

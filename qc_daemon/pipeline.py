@@ -1,0 +1,193 @@
+"""The work behind a complete series: snapshot the spool, classify, build the volume, score, record, alert.
+
+:class:`SeriesProcessor` does one series and never raises: every outcome is a stored row (scored, skipped or
+failed, with its reason). :class:`WorkQueue` runs it on worker threads from a bounded queue.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from qc_daemon.alerts import alert_payload
+from qc_daemon.logs import get_logger
+from qc_daemon.scorer import Scorer
+from qc_daemon.series import SeriesFailed, SeriesSkipped, classify, read_series, series_facts
+from qc_daemon.spool import Spool
+from qc_daemon.store import (
+    FINAL_STATUSES,
+    AlertChannel,
+    SeriesResult,
+    SeriesStatus,
+    Store,
+    enqueue_alert,
+    latest_revision,
+    open_revision,
+    utcnow,
+)
+from qc_daemon.volume import build_volume
+
+log = get_logger(__name__)
+
+
+class SeriesProcessor:
+    def __init__(
+        self,
+        spool: Spool,
+        store: Store,
+        scorer: Scorer,
+        *,
+        min_slices: int,
+        threshold: float,
+        alert_channels: tuple[AlertChannel, ...],
+        archive_dir: Path | None,
+    ):
+        self.spool = spool
+        self.store = store
+        self.scorer = scorer
+        self.min_slices = min_slices
+        self.threshold = threshold
+        self.alert_channels = alert_channels
+        self.archive_dir = archive_dir
+
+    def process(self, series_uid: str) -> SeriesResult | None:
+        """Record one revision of the series; None when the spool holds nothing new since the last one."""
+        paths = self.spool.instance_paths(series_uid)
+        if not paths:
+            return None
+        with self.store.session() as session:
+            latest = latest_revision(session, series_uid)
+            if latest is not None and latest.status in FINAL_STATUSES and latest.instances == len(paths):
+                log.info("series_unchanged", series_instance_uid=series_uid, revision=latest.revision)
+                return None
+            series = read_series(series_uid, paths)
+            received_at = dt.datetime.fromtimestamp(min(p.stat().st_mtime for p in paths), dt.UTC)
+            facts = series_facts(series, len(paths), received_at.replace(tzinfo=None))
+            row = open_revision(session, facts)
+            session.commit()
+            bound = log.bind(series_instance_uid=series_uid, revision=row.revision)
+            bound.info("series_processing", instances=len(paths))
+            try:
+                self._score_into(row, series)
+            except SeriesSkipped as exc:
+                row.status, row.reason = SeriesStatus.SKIPPED, str(exc)
+            except SeriesFailed as exc:
+                row.status, row.reason = SeriesStatus.FAILED, str(exc)
+            except Exception as exc:  # noqa: BLE001 - one broken series never stops the others
+                bound.exception("series_error")
+                row.status, row.reason = SeriesStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}"[:500]
+            if series.unreadable and row.status is SeriesStatus.SCORED:
+                row.reason = f"{len(series.unreadable)} unreadable instance(s) ignored: {series.unreadable[0]}"
+            row.scored_at = utcnow()
+            if row.status is SeriesStatus.SCORED and row.score is not None and row.score < self.threshold:
+                row.below_threshold = True
+                payload = alert_payload(row, self.threshold)
+                for channel in self.alert_channels:
+                    enqueue_alert(session, row, channel, payload)
+            session.commit()
+            self._log_outcome(bound, row)
+            return row
+
+    def _score_into(self, row: SeriesResult, series) -> None:
+        classify(series, self.min_slices)
+        keep_as = None
+        if self.archive_dir is not None:
+            keep_as = self.archive_dir / f"{row.series_instance_uid}_r{row.revision}.nii.gz"
+        volume = build_volume(series, keep_nifti_as=keep_as)
+        result = self.scorer.score_volume(volume)
+        row.status = SeriesStatus.SCORED
+        row.reason = None
+        row.score = result.score
+        row.patch_scores = result.patch_scores
+        row.patch_origins = [list(o) for o in result.patch_origins]
+        row.volume_shape = list(result.volume_shape)
+        row.scoring_time_s = result.seconds
+        row.model_sha256 = self.scorer.model_sha256
+        row.nifti_path = str(keep_as) if keep_as is not None else None
+
+    def _log_outcome(self, bound, row: SeriesResult) -> None:
+        if row.status is SeriesStatus.SCORED:
+            bound.info("series_scored", score=round(row.score, 4), seconds=round(row.scoring_time_s, 2))
+            if row.below_threshold:
+                bound.warning(
+                    "alert_raised",
+                    score=round(row.score, 4),
+                    threshold=self.threshold,
+                    station_name=row.station_name,
+                    series_description=row.series_description,
+                )
+        elif row.status is SeriesStatus.SKIPPED:
+            bound.info("series_skipped", reason=row.reason)
+        else:
+            bound.warning("series_failed", reason=row.reason)
+
+
+class WorkQueue:
+    """Bounded queue of series UIDs served by worker threads; a UID is queued at most once at a time."""
+
+    def __init__(self, process: Callable[[str], object], workers: int, max_queue: int):
+        self._process = process
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=max_queue)
+        self._queued: set[str] = set()
+        self._running: set[str] = set()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._threads = [
+            threading.Thread(target=self._work, name=f"qc-worker-{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, series_uid: str) -> bool:
+        """Queue a series; False when the queue is full (the caller keeps it and tries again)."""
+        with self._lock:
+            if series_uid in self._queued:
+                return True
+            try:
+                self._queue.put_nowait(series_uid)
+            except queue.Full:
+                return False
+            self._queued.add(series_uid)
+            return True
+
+    def _work(self) -> None:
+        while True:
+            uid = self._queue.get()
+            if uid is None:
+                return
+            with self._lock:
+                self._queued.discard(uid)
+                # The same series is never processed by two workers at once.
+                while uid in self._running:
+                    self._idle.wait()
+                self._running.add(uid)
+            try:
+                self._process(uid)
+            except Exception:  # noqa: BLE001 - the processor records its failures; this guards the thread
+                log.exception("worker_error", series_instance_uid=uid)
+            finally:
+                with self._lock:
+                    self._running.discard(uid)
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until nothing is queued or running; False on timeout."""
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._queued and not self._running, timeout=timeout_s)
+
+    def stop(self) -> None:
+        """Let the current series finish; queued ones stay in the spool and are found again at start-up."""
+        with self._lock:
+            self._queued.clear()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()

@@ -1,0 +1,158 @@
+"""Scoring: load a HyS-net ONNX model once, check its contract, score volumes patch by patch.
+
+The volume score is the mean of the scores of all 96^3 patches at step 48 (edges covered), clipped to [0, 1];
+1 = best. The patch scores and their origins are returned too (they become a quality map).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qc_daemon.logs import get_logger
+from qc_daemon.model_contract import INPUT_NAME, OUTPUT_NAME, ContractError, ModelInfo, onnx_weights_sha256
+from qc_daemon.preprocess import extract_patches, patch_grid, prepare_volume
+from qc_daemon.settings import Device, ScoringSettings
+from qc_daemon.volume import Volume
+
+log = get_logger(__name__)
+BUNDLED_MODEL = "hysnet-default.onnx"
+
+
+class ModelError(RuntimeError):
+    """The model file cannot be used; the message says why (the daemon refuses to start)."""
+
+
+@dataclass(frozen=True)
+class Score:
+    score: float
+    patch_scores: list[float]
+    patch_origins: list[tuple[int, int, int]]
+    volume_shape: tuple[int, int, int]  # after resampling and padding, the frame patch origins refer to
+    seconds: float
+
+
+def bundled_model_path() -> Path:
+    return Path(str(resources.files("qc_daemon") / "models" / BUNDLED_MODEL))
+
+
+def cuda_usable() -> bool:
+    """CUDA is worth asking for only if ONNX Runtime was built with it *and* a driver is present.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU and then logs errors when a
+    session asks for it; checking for the driver library first keeps the logs of CPU-only hosts clean.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def choose_providers(device: Device) -> list[str]:
+    if device is Device.CPU:
+        return ["CPUExecutionProvider"]
+    if device is Device.CUDA:
+        if not cuda_usable():
+            raise ModelError("scoring.device = 'cuda' but no usable CUDA (driver or CUDA build of onnxruntime)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_usable() else ["CPUExecutionProvider"]
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    """Load and check a model file's contract: metadata complete, parity passed, weights match the hash."""
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{path}: not a readable ONNX model: {exc}") from exc
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    try:
+        info = ModelInfo.from_metadata(metadata)
+    except ContractError as exc:
+        raise ModelError(f"{path}: {exc}") from exc
+    if not info.parity.passed:
+        raise ModelError(f"{path}: export parity check did not pass ({info.parity})")
+    if info.input_kind != "patch3d":
+        raise ModelError(f"{path}: input kind {info.input_kind!r} is not scored by the daemon (needs 'patch3d')")
+    actual = onnx_weights_sha256(model)
+    if actual != info.sha256:
+        raise ModelError(f"{path}: weights hash {actual[:12]}... does not match qc.sha256 {info.sha256[:12]}...")
+    return info
+
+
+class Scorer:
+    def __init__(self, settings: ScoringSettings):
+        self.path = Path(settings.model_path).expanduser() if settings.model_path else bundled_model_path()
+        self.info = read_model_info(self.path)
+        self.batch_size = settings.batch_size
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if settings.threads:
+            options.intra_op_num_threads = settings.threads
+        self.session = ort.InferenceSession(
+            str(self.path), sess_options=options, providers=choose_providers(settings.device)
+        )
+        self._check_io()
+        log.info(
+            "model_loaded",
+            model=str(self.path),
+            architecture=self.info.architecture,
+            sha256=self.info.sha256,
+            providers=self.session.get_providers(),
+        )
+
+    @property
+    def model_sha256(self) -> str:
+        return self.info.sha256
+
+    def _check_io(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+            raise ModelError(f"{self.path}: needs input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
+        shape = inputs[INPUT_NAME].shape
+        p = self.info.patch_size
+        if len(shape) != 5 or list(shape[1:]) != [1, p, p, p]:
+            raise ModelError(f"{self.path}: input shape {shape} does not match patch size {p}")
+
+    def score_volume(self, volume: Volume) -> Score:
+        started = time.perf_counter()
+        info = self.info
+        prepared = prepare_volume(volume.data, volume.spacing_mm, info.spacing_mm, info.normalisation, info.patch_size)
+        origins = patch_grid(prepared.shape, info.patch_size, info.patch_step)
+        scores: list[float] = []
+        for start in range(0, len(origins), self.batch_size):
+            chunk = origins[start : start + self.batch_size]
+            patches = extract_patches(prepared, chunk, info.patch_size)  # (B, 1, P, P, P)
+            (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: patches})
+            scores.extend(float(v) for v in np.asarray(out).reshape(-1))
+        if not all(np.isfinite(scores)):
+            raise ModelError("the model returned a non-finite score")
+        volume_score = float(np.clip(np.mean(scores), 0.0, 1.0))
+        return Score(
+            score=volume_score,
+            patch_scores=scores,
+            patch_origins=origins,
+            volume_shape=tuple(int(s) for s in prepared.shape),
+            seconds=time.perf_counter() - started,
+        )
+
+    def describe(self) -> dict:
+        return {
+            "model": str(self.path),
+            "architecture": self.info.architecture,
+            "sha256": self.info.sha256,
+            "label": self.info.label,
+            "calibration": json.loads(self.info.calibration.to_json()),
+            "providers": self.session.get_providers(),
+        }

@@ -1,0 +1,206 @@
+"""Reading a spooled series and deciding whether it is a 3D anatomical MR volume at all.
+
+Everything here reads untrusted files: each instance is parsed inside ``try``, sizes are checked against the
+data before any pixel is decoded, and every way a series can be unsuitable is raised as :class:`SeriesSkipped`
+(not a 3D anatomical MR volume, with a reason a technologist can read) or :class:`SeriesFailed` (it should
+have been scorable, but the data is broken).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from qc_daemon.store import SeriesFacts
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+LEGACY_CONVERTED_ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.4"
+MR_IMAGE_CLASSES = frozenset({MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_MR})
+
+# A series whose decoded pixels would exceed this is refused before decoding (a header's claim is never trusted).
+MAX_DECODED_BYTES = 2 * 2**30
+_ORIENTATION_TOLERANCE = 1e-3
+
+
+class SeriesSkipped(Exception):
+    """The series is not a 3D anatomical MR volume; the message is the recorded reason."""
+
+
+class SeriesFailed(Exception):
+    """The series should be scorable but cannot be read or converted; the message is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class SpooledSeries:
+    """A snapshot of one series' instances, parsed (pixel data still encoded)."""
+
+    series_uid: str
+    paths: tuple[Path, ...]
+    datasets: tuple[Dataset, ...]
+    unreadable: tuple[str, ...]  # "file: reason" for instances that could not be parsed
+
+    @property
+    def first(self) -> Dataset:
+        return self.datasets[0]
+
+
+def read_series(series_uid: str, paths: list[Path]) -> SpooledSeries:
+    datasets, kept, unreadable = [], [], []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+            _ = ds.SOPClassUID  # force the lazy parse of the header now, inside the try
+        except Exception as exc:  # noqa: BLE001 - untrusted file: any parse error is a reason, not a crash
+            unreadable.append(f"{path.name}: {type(exc).__name__}: {exc}"[:300])
+            continue
+        datasets.append(ds)
+        kept.append(path)
+    return SpooledSeries(series_uid, tuple(kept), tuple(datasets), tuple(unreadable))
+
+
+def series_facts(series: SpooledSeries, instances: int, received_at: dt.datetime) -> SeriesFacts:
+    """Descriptive fields for the stored row, from the first readable instance (no patient data)."""
+    ds = series.datasets[0] if series.datasets else Dataset()
+    meta = getattr(ds, "file_meta", Dataset())
+    return SeriesFacts(
+        series_instance_uid=series.series_uid,
+        study_instance_uid=_text(ds, "StudyInstanceUID", 64),
+        station_name=_text(ds, "StationName", 64),
+        calling_ae=_text(meta, "SourceApplicationEntityTitle", 16),
+        modality=_text(ds, "Modality", 16),
+        series_description=_text(ds, "SeriesDescription", 256),
+        protocol_name=_text(ds, "ProtocolName", 256),
+        sop_class_uid=_text(ds, "SOPClassUID", 64),
+        instances=instances,
+        received_at=received_at,
+    )
+
+
+def classify(series: SpooledSeries, min_slices: int) -> None:
+    """Raise SeriesSkipped/SeriesFailed unless the series looks like one 3D anatomical MR volume."""
+    if not series.datasets:
+        detail = "; ".join(series.unreadable[:3])
+        raise SeriesFailed(f"no readable DICOM instance ({detail})")
+    classes = {str(ds.get("SOPClassUID", "")) for ds in series.datasets}
+    non_mr = sorted(classes - MR_IMAGE_CLASSES)
+    if non_mr:
+        names = ", ".join(UID(uid).name or uid for uid in non_mr)
+        raise SeriesSkipped(f"not an MR image series (SOP class {names})")
+    image_types = {str(v).upper() for ds in series.datasets for v in _multi(ds.get("ImageType"))}
+    if "LOCALIZER" in image_types:
+        raise SeriesSkipped("localizer (ImageType LOCALIZER)")
+    if "MOSAIC" in image_types:
+        raise SeriesSkipped("mosaic: an EPI/time-series acquisition, not a 3D anatomical volume")
+    _check_pixel_claims(series)
+    if len(classes) > 1:
+        raise SeriesSkipped("mixes classic and enhanced MR instances")
+    if classes == {MR_IMAGE_STORAGE}:
+        _classify_classic(series.datasets, min_slices)
+    else:
+        _classify_enhanced(series.datasets, min_slices)
+
+
+def _classify_classic(datasets: tuple[Dataset, ...], min_slices: int) -> None:
+    frames = [_frames(ds) for ds in datasets]
+    if any(f > 1 for f in frames):
+        raise SeriesSkipped("classic MR instances with several frames each: not a slice stack")
+    if len(datasets) < min_slices:
+        what = "a single slice" if len(datasets) == 1 else f"only {len(datasets)} slices"
+        raise SeriesSkipped(f"{what}; a 3D volume needs at least {min_slices}")
+    sizes = {(int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for ds in datasets}
+    if len(sizes) > 1:
+        raise SeriesSkipped(f"mixed image sizes {sorted(sizes)}")
+    try:
+        orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
+        positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise SeriesSkipped("missing or malformed ImageOrientationPatient/ImagePositionPatient") from exc
+    if orientations.shape[1:] != (6,) or positions.shape[1:] != (3,):
+        raise SeriesSkipped("malformed ImageOrientationPatient/ImagePositionPatient")
+    if np.abs(orientations - orientations[0]).max() > _ORIENTATION_TOLERANCE:
+        raise SeriesSkipped("mixed slice orientations (several stacks, e.g. a 3-plane scout)")
+    normal = np.cross(orientations[0, :3], orientations[0, 3:])
+    along = np.round(positions @ normal, 3)
+    repeats = Counter(along.tolist()).most_common(1)[0][1]
+    if repeats > 1:
+        raise SeriesSkipped(f"{repeats} instances at the same slice position: a time series or repeated stack")
+    temporal = {int(ds.get("TemporalPositionIdentifier", 1) or 1) for ds in datasets}
+    if len(temporal) > 1:
+        raise SeriesSkipped(f"{len(temporal)} temporal positions: a time series")
+
+
+def _classify_enhanced(datasets: tuple[Dataset, ...], min_slices: int) -> None:
+    total_frames = sum(_frames(ds) for ds in datasets)
+    if total_frames < min_slices:
+        raise SeriesSkipped(f"only {total_frames} frames; a 3D volume needs at least {min_slices}")
+    for ds in datasets:
+        temporal = int(ds.get("NumberOfTemporalPositions", 1) or 1)
+        for group in ds.get("SharedFunctionalGroupsSequence", []) or []:
+            for timing in group.get("MRTimingAndRelatedParametersSequence", []) or []:
+                temporal = max(temporal, int(timing.get("NumberOfTemporalPositions", 1) or 1))
+        if temporal > 1:
+            raise SeriesSkipped(f"{temporal} temporal positions: a time series")
+
+
+def _check_pixel_claims(series: SpooledSeries) -> None:
+    """Compare what each header claims with the pixel data actually present, before anything is decoded."""
+    total = 0
+    for path, ds in zip(series.paths, series.datasets, strict=True):
+        if "PixelData" not in ds:
+            raise SeriesFailed(f"{path.name}: no pixel data")
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            bits = int(ds.BitsAllocated)
+            samples = int(ds.get("SamplesPerPixel", 1))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise SeriesFailed(f"{path.name}: missing or malformed Rows/Columns/BitsAllocated") from exc
+        frames = _frames(ds)
+        if rows < 1 or cols < 1 or frames < 1:
+            raise SeriesFailed(f"{path.name}: empty image ({rows}x{cols}, {frames} frames)")
+        if bits not in (8, 16, 32):
+            raise SeriesFailed(f"{path.name}: unsupported BitsAllocated {bits}")
+        if samples != 1:
+            raise SeriesSkipped(f"{path.name}: {samples} samples per pixel (colour), not an MR magnitude image")
+        expected = rows * cols * frames * bits // 8
+        total += expected
+        if total > MAX_DECODED_BYTES:
+            raise SeriesFailed(f"decoded pixel data would exceed {MAX_DECODED_BYTES // 2**20} MiB")
+        if not ds.file_meta.TransferSyntaxUID.is_compressed:
+            present = len(ds.PixelData)
+            if present < expected:
+                raise SeriesFailed(
+                    f"{path.name}: pixel data holds {present} bytes, Rows/Columns/NumberOfFrames claim {expected}"
+                )
+
+
+def _frames(ds: Dataset) -> int:
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise SeriesFailed(f"malformed NumberOfFrames {ds.get('NumberOfFrames')!r}") from exc
+
+
+def _multi(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return list(value)
+    return [value]
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a malformed element is simply not recorded
+        return None
+    if value is None or value == "":
+        return None
+    return str(value).strip()[:limit] or None

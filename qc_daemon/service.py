@@ -1,0 +1,166 @@
+"""The running node: wires the parts from one Settings object, recovers from the spool, stops cleanly.
+
+Start-up order: store (migrated) -> scorer (model checked; refuse to start on a bad model) -> spool recovery
+(every series in the spool that has no final result for all its instances is tracked again) -> workers ->
+alerts -> listener and drop folder. Stop (SIGTERM): stop accepting (listener, drop folder), let the series in
+progress finish, leave queued ones in the spool for the next start, stop alerts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from qc_daemon.alerts import AlertDispatcher, enabled_channels
+from qc_daemon.assembler import Assembler
+from qc_daemon.dropfolder import DropFolder
+from qc_daemon.intake import Intake
+from qc_daemon.listener import start_listener
+from qc_daemon.logs import get_logger
+from qc_daemon.pipeline import SeriesProcessor, WorkQueue
+from qc_daemon.scorer import Scorer
+from qc_daemon.settings import Settings
+from qc_daemon.spool import Spool
+from qc_daemon.store import FINAL_STATUSES, Store, latest_revision
+
+log = get_logger(__name__)
+RETENTION_EVERY_S = 3600.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, tick_s: float = 0.5):
+        self.settings = settings
+        self.tick_s = tick_s
+        storage = settings.storage
+        storage.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(storage.database)
+        self.scorer = Scorer(settings.scoring)
+        self.spool = Spool(storage.spool_path)
+        self.spool.clean_incoming()
+        self.processor = SeriesProcessor(
+            self.spool,
+            self.store,
+            self.scorer,
+            min_slices=settings.assembly.min_slices,
+            threshold=settings.alerts.threshold,
+            alert_channels=enabled_channels(settings.alerts),
+            archive_dir=storage.archive_path if storage.keep_nifti else None,
+        )
+        self.work = WorkQueue(self.processor.process, settings.assembly.workers, settings.assembly.max_queue)
+        self.assembler = Assembler(
+            settings.assembly.quiet_period_s,
+            settings.assembly.use_expected_count,
+            submit=self.work.submit,
+            count_spooled=lambda uid: len(self.spool.instance_paths(uid)),
+        )
+        self.intake = Intake(
+            self.spool,
+            self.assembler.instance_arrived,
+            max_instance_bytes=settings.dicom.max_instance_mb * 2**20,
+            min_free_mb=storage.min_free_mb,
+        )
+        self.alerts = AlertDispatcher(self.store, settings.alerts)
+        self.drop_folder = (
+            DropFolder(Path(settings.watch.folder).expanduser(), self.intake, settings.watch.settle_s)
+            if settings.watch.folder
+            else None
+        )
+        self.ae = None
+        self.server = None
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_loop, name="qc-assembler", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def recover(self) -> list[str]:
+        """Track every spooled series whose instances are not all covered by a final result."""
+        resumed = []
+        now = time.time()
+        with self.store.session() as session:
+            for uid in self.spool.series_uids():
+                count = len(self.spool.instance_paths(uid))
+                latest = latest_revision(session, uid)
+                if count and (latest is None or latest.status not in FINAL_STATUSES or latest.instances != count):
+                    self.assembler.resume(uid, age_s=now - self.spool.last_modified(uid))
+                    resumed.append(uid)
+        if resumed:
+            log.info("spool_recovered", series=len(resumed))
+        return resumed
+
+    def start(self) -> None:
+        self.recover()
+        self._ticker.start()
+        self.alerts.start()
+        self.ae, self.server = start_listener(self.settings.dicom, self.intake)
+        if self.drop_folder is not None:
+            self.drop_folder.start()
+        _sd_notify("READY=1")
+        log.info("daemon_ready", state_dir=str(self.settings.storage.state_dir), port=self.port)
+
+    def _tick_loop(self) -> None:
+        last_retention = 0.0
+        while not self._stop.wait(self.tick_s):
+            try:
+                self.assembler.tick()
+                if self.settings.storage.retention_days and time.monotonic() - last_retention > RETENTION_EVERY_S:
+                    last_retention = time.monotonic()
+                    self.apply_retention()
+            except Exception:  # noqa: BLE001 - the ticker must outlive any single failure
+                log.exception("assembler_tick_error")
+            _sd_notify("WATCHDOG=1")
+
+    def apply_retention(self) -> None:
+        max_age_s = self.settings.storage.retention_days * 86400
+        removed = self.spool.remove_older_than(max_age_s)
+        archive = self.settings.storage.archive_path
+        if archive.is_dir():
+            cutoff = time.time() - max_age_s
+            for path in archive.glob("*.nii.gz"):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+        if removed:
+            log.info("retention_applied", series_removed=len(removed))
+
+    def wait_idle(self, timeout_s: float = 60.0) -> bool:
+        """For tests and one-shot runs: wait until no series is receiving, queued or being scored."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.assembler.receiving() and self.work.wait_idle(0.1):
+                if not self.assembler.receiving():
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        _sd_notify("STOPPING=1")
+        log.info("daemon_stopping")
+        if self.server is not None:
+            self.server.shutdown()
+        if self.drop_folder is not None:
+            self.drop_folder.stop()
+        self._stop.set()
+        if self._ticker.is_alive():
+            self._ticker.join()
+        self.work.stop()
+        self.alerts.stop()
+        self.store.close()
+        log.info("daemon_stopped")
+
+
+def _sd_notify(message: str) -> None:
+    """systemd's notify protocol (Type=notify), without a dependency: one datagram to $NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError:
+        pass

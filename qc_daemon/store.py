@@ -1,0 +1,330 @@
+"""The store: the only module that talks SQL (SQLAlchemy 2.0; SQLite in WAL mode by default).
+
+One row per series *revision* in ``series_results``: a late instance after scoring opens a new revision, so
+history is kept. Alerts live in an outbox table (``alerts``), one row per (revision, channel), written in the
+same transaction as the result they belong to, so a restart or an unreachable endpoint loses nothing.
+Times are naive UTC datetimes. Schema changes are numbered migrations in :data:`MIGRATIONS`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+
+class SeriesStatus(enum.StrEnum):
+    PENDING = "pending"  # complete, waiting for (or in) scoring; redone after a crash
+    SCORED = "scored"
+    SKIPPED = "skipped"  # not a 3D anatomical MR volume: reason says why
+    FAILED = "failed"  # should have been scorable but something broke: reason says what
+
+
+FINAL_STATUSES = (SeriesStatus.SCORED, SeriesStatus.SKIPPED, SeriesStatus.FAILED)
+
+
+class AlertChannel(enum.StrEnum):
+    WEBHOOK = "webhook"
+    EXEC = "exec"
+
+
+class AlertState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SeriesResult(Base):
+    __tablename__ = "series_results"
+    __table_args__ = (UniqueConstraint("series_instance_uid", "revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    station_name: Mapped[str | None] = mapped_column(String(64), index=True)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(256))
+    protocol_name: Mapped[str | None] = mapped_column(String(256))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    instances: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    completed_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+    scored_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    status: Mapped[SeriesStatus] = mapped_column(Enum(SeriesStatus, native_enum=False, length=16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    score: Mapped[float | None] = mapped_column(Float)
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
+    scoring_time_s: Mapped[float | None] = mapped_column(Float)
+    patch_scores: Mapped[list | None] = mapped_column(JSON)
+    patch_origins: Mapped[list | None] = mapped_column(JSON)
+    volume_shape: Mapped[list | None] = mapped_column(JSON)
+    nifti_path: Mapped[str | None] = mapped_column(Text)
+    below_threshold: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    alerts: Mapped[list[Alert]] = relationship(back_populates="result", cascade="all, delete-orphan")
+
+    def to_dict(self, with_patches: bool = False) -> dict:
+        out = {
+            "series_instance_uid": self.series_instance_uid,
+            "revision": self.revision,
+            "study_instance_uid": self.study_instance_uid,
+            "station_name": self.station_name,
+            "calling_ae": self.calling_ae,
+            "modality": self.modality,
+            "series_description": self.series_description,
+            "protocol_name": self.protocol_name,
+            "sop_class_uid": self.sop_class_uid,
+            "instances": self.instances,
+            "received_at": _iso(self.received_at),
+            "completed_at": _iso(self.completed_at),
+            "scored_at": _iso(self.scored_at),
+            "status": self.status.value,
+            "reason": self.reason,
+            "score": self.score,
+            "alert": self.below_threshold,
+            "model_sha256": self.model_sha256,
+            "scoring_time_s": self.scoring_time_s,
+            "nifti_path": self.nifti_path,
+        }
+        if with_patches:
+            out["volume_shape"] = self.volume_shape
+            out["patch_origins"] = self.patch_origins
+            out["patch_scores"] = self.patch_scores
+        return out
+
+
+class Alert(Base):
+    __tablename__ = "alerts"
+    __table_args__ = (UniqueConstraint("result_id", "channel"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("series_results.id"), index=True)
+    channel: Mapped[AlertChannel] = mapped_column(Enum(AlertChannel, native_enum=False, length=16))
+    state: Mapped[AlertState] = mapped_column(Enum(AlertState, native_enum=False, length=16), index=True)
+    payload: Mapped[dict] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    result: Mapped[SeriesResult] = relationship(back_populates="alerts")
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    applied_at: Mapped[dt.datetime] = mapped_column(DateTime, server_default=func.current_timestamp())
+
+
+def _migration_1(conn: Connection) -> None:
+    Base.metadata.create_all(conn, tables=[SeriesResult.__table__, Alert.__table__])
+
+
+# Append new migrations; never edit an applied one.
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+
+
+class Store:
+    """Engine and session factory for one database URL, migrated to the current schema on open."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine: Engine = create_engine(url, connect_args=_connect_args(url))
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        migrate(self.engine)
+
+    def session(self) -> Session:
+        return self.sessions()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _connect_args(url: str) -> dict:
+    return {"timeout": 30, "check_same_thread": False} if url.startswith("sqlite") else {}
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def migrate(engine: Engine) -> int:
+    """Apply the migrations not yet recorded in ``schema_version``; returns the schema version."""
+    with engine.begin() as conn:
+        SchemaVersion.__table__.create(conn, checkfirst=True)
+        current = conn.execute(select(func.max(SchemaVersion.version))).scalar() or 0
+        for version, step in enumerate(MIGRATIONS[current:], start=current + 1):
+            step(conn)
+            conn.execute(SchemaVersion.__table__.insert().values(version=version))
+    return len(MIGRATIONS)
+
+
+# ---- series results ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeriesFacts:
+    """What the spool tells about a series revision, independent of its outcome."""
+
+    series_instance_uid: str
+    study_instance_uid: str | None
+    station_name: str | None
+    calling_ae: str | None
+    modality: str | None
+    series_description: str | None
+    protocol_name: str | None
+    sop_class_uid: str | None
+    instances: int
+    received_at: dt.datetime
+
+
+def latest_revision(session: Session, series_uid: str) -> SeriesResult | None:
+    return session.scalars(
+        select(SeriesResult)
+        .where(SeriesResult.series_instance_uid == series_uid)
+        .order_by(SeriesResult.revision.desc())
+        .limit(1)
+    ).first()
+
+
+def open_revision(session: Session, facts: SeriesFacts) -> SeriesResult:
+    """The revision to (re)score these instances under.
+
+    Reuses a PENDING revision (left by a crash mid-scoring) and otherwise opens the next one, so each series
+    is recorded exactly once per revision.
+    """
+    latest = latest_revision(session, facts.series_instance_uid)
+    now = utcnow()
+    if latest is not None and latest.status is SeriesStatus.PENDING:
+        row = latest
+        for name, value in vars(facts).items():
+            setattr(row, name, value)
+        row.completed_at = now
+    else:
+        row = SeriesResult(
+            **vars(facts),
+            revision=1 if latest is None else latest.revision + 1,
+            completed_at=now,
+            status=SeriesStatus.PENDING,
+        )
+        session.add(row)
+    session.flush()
+    return row
+
+
+def history(
+    session: Session,
+    below: float | None = None,
+    since: dt.datetime | None = None,
+    station: str | None = None,
+    status: SeriesStatus | None = None,
+    limit: int | None = None,
+) -> Sequence[SeriesResult]:
+    """Results newest first; ``below`` keeps scored series with score < below."""
+    query = select(SeriesResult).order_by(SeriesResult.completed_at.desc(), SeriesResult.id.desc())
+    if below is not None:
+        query = query.where(SeriesResult.score.is_not(None), SeriesResult.score < below)
+    if since is not None:
+        query = query.where(SeriesResult.completed_at >= since)
+    if station is not None:
+        query = query.where(SeriesResult.station_name == station)
+    if status is not None:
+        query = query.where(SeriesResult.status == status)
+    if limit is not None:
+        query = query.limit(limit)
+    return session.scalars(query).all()
+
+
+def revisions(session: Session, series_uid: str) -> Sequence[SeriesResult]:
+    return session.scalars(
+        select(SeriesResult)
+        .where(SeriesResult.series_instance_uid == series_uid)
+        .order_by(SeriesResult.revision)
+    ).all()
+
+
+def pending_results(session: Session) -> Sequence[SeriesResult]:
+    return session.scalars(select(SeriesResult).where(SeriesResult.status == SeriesStatus.PENDING)).all()
+
+
+# ---- alert outbox -----------------------------------------------------------------------------------------
+
+
+def enqueue_alert(session: Session, result: SeriesResult, channel: AlertChannel, payload: dict) -> Alert:
+    now = utcnow()
+    alert = Alert(
+        result=result,
+        channel=channel,
+        state=AlertState.PENDING,
+        payload=payload,
+        attempts=0,
+        next_attempt_at=now,
+        created_at=now,
+    )
+    session.add(alert)
+    return alert
+
+
+def due_alerts(session: Session, channel: AlertChannel, now: dt.datetime, limit: int = 50) -> Sequence[Alert]:
+    return session.scalars(
+        select(Alert)
+        .where(Alert.channel == channel, Alert.state == AlertState.PENDING, Alert.next_attempt_at <= now)
+        .order_by(Alert.id)
+        .limit(limit)
+    ).all()
+
+
+def alerts_for(session: Session, result_id: int) -> Sequence[Alert]:
+    return session.scalars(select(Alert).where(Alert.result_id == result_id).order_by(Alert.id)).all()
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="milliseconds") + "Z"
+
+
+def dump_json(rows: Sequence[SeriesResult]) -> str:
+    return json.dumps([row.to_dict() for row in rows], indent=2)
+
+
+def ping(store: Store) -> None:
+    with store.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))

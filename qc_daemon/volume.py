@@ -1,0 +1,76 @@
+"""Volume building: a classified series -> one NIfTI (dicom2nifti) -> RAS float32 array with its spacing."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import dicom2nifti
+import dicom2nifti.settings
+import nibabel as nib
+import numpy as np
+from dicom2nifti.exceptions import ConversionError, ConversionValidationError
+
+from qc_daemon.series import SeriesFailed, SeriesSkipped, SpooledSeries
+
+# Gantry-tilted or non-orthogonal stacks are resampled by dicom2nifti instead of being refused.
+dicom2nifti.settings.enable_resampling()
+dicom2nifti.settings.set_resample_spline_interpolation_order(1)
+
+
+@dataclass(frozen=True)
+class Volume:
+    data: np.ndarray  # (X, Y, Z) float32, RAS+ voxel axes
+    spacing_mm: tuple[float, float, float]
+    affine: np.ndarray
+
+
+def volume_from_nifti(image: nib.spatialimages.SpatialImage) -> Volume:
+    """Reorient to the closest RAS+ axes and read the data as float32; refuses anything but 3D."""
+    canonical = nib.as_closest_canonical(image)
+    shape = canonical.shape
+    if len(shape) == 4 and shape[3] == 1:
+        canonical = canonical.slicer[..., 0]
+    elif len(shape) != 3:
+        raise SeriesSkipped(f"{len(shape)}D image of shape {tuple(shape)}: a time series, not a 3D volume")
+    data = np.asarray(canonical.dataobj, dtype=np.float32)
+    zooms = tuple(float(z) for z in canonical.header.get_zooms()[:3])
+    if not all(np.isfinite(zooms)) or min(zooms) <= 0:
+        raise SeriesFailed(f"invalid voxel spacing {zooms}")
+    return Volume(data=data, spacing_mm=zooms, affine=canonical.affine)
+
+
+def build_volume(series: SpooledSeries, keep_nifti_as: Path | None = None) -> Volume:
+    """Convert with dicom2nifti; validation refusals become SeriesSkipped, other errors SeriesFailed."""
+    workdir = Path(tempfile.mkdtemp(prefix="qc-volume-"))
+    try:
+        out_file = workdir / "volume.nii.gz"
+        try:
+            result = dicom2nifti.convert_dicom.dicom_array_to_nifti(list(series.datasets), str(out_file), True)
+        except ConversionValidationError as exc:
+            raise SeriesSkipped(f"dicom2nifti refused the series: {exc}") from exc
+        except ConversionError as exc:
+            raise SeriesFailed(f"dicom2nifti could not convert the series: {exc}") from exc
+        except MemoryError as exc:
+            raise SeriesFailed("out of memory while decoding the series") from exc
+        except Exception as exc:  # noqa: BLE001 - decoders raise anything on broken pixel data
+            raise SeriesFailed(f"volume conversion failed: {type(exc).__name__}: {exc}"[:500]) from exc
+        volume = volume_from_nifti(result["NII"])
+        if keep_nifti_as is not None:
+            keep_nifti_as.parent.mkdir(parents=True, exist_ok=True)
+            tmp = keep_nifti_as.with_name(keep_nifti_as.name + ".part")
+            shutil.copyfile(out_file, tmp)
+            tmp.replace(keep_nifti_as)
+        return volume
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def load_nifti(path: Path) -> Volume:
+    try:
+        image = nib.load(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise SeriesFailed(f"cannot read {path.name} as NIfTI: {exc}") from exc
+    return volume_from_nifti(image)

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, StoragePresentationContexts
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from qc_daemon.logs import configure_logging  # noqa: E402
+from qc_daemon.settings import LogFormat, LoggingSettings, Settings, settings_from_dict  # noqa: E402
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def make_settings(tmp_path: Path, **sections) -> Settings:
+    """Settings for a test: state under tmp_path, any free port, a short quiet period."""
+    raw = {
+        "dicom": {"port": 0, "host": "127.0.0.1"},
+        "storage": {"state_dir": str(tmp_path / "state"), "min_free_mb": 1},
+        "assembly": {"quiet_period_s": 0.5, "min_slices": 16},
+        "logging": {"format": "json"},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return settings_from_dict(raw)
+
+
+@pytest.fixture
+def log_stream():
+    """Everything the daemon logs during the test, as JSON lines."""
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(format=LogFormat.JSON, level="debug"), stream=stream)
+    yield stream
+    logging.getLogger().handlers.clear()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    from qc_daemon.service import Daemon
+
+    started = []
+
+    def start(**sections):
+        daemon = Daemon(make_settings(tmp_path, **sections), tick_s=0.05)
+        daemon.start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def send_datasets(datasets, port: int, called_aet: str = "QC_DAEMON", calling_aet: str = "TEST_SCU") -> list[int]:
+    """Send with pynetdicom as a storage SCU; returns the status of each C-STORE."""
+    ae = AE(ae_title=calling_aet)
+    for context in StoragePresentationContexts:
+        ae.add_requested_context(context.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
+    assert assoc.is_established, "association was not established"
+    statuses = []
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            statuses.append(int(status.Status) if "Status" in status else -1)
+    finally:
+        assoc.release()
+    return statuses
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data {path} not present")
+    return path

@@ -1,0 +1,140 @@
+"""A real series from a real DICOM client to a scored row, an alert and the CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from conftest import send_datasets
+from dicom_factory import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, classic_series, enhanced_series, phantom
+
+from qc_daemon.cli import main
+from qc_daemon.store import AlertState, SeriesStatus, alerts_for, revisions
+
+
+def _rows(daemon, uid):
+    with daemon.store.session() as session:
+        return list(revisions(session, uid))
+
+
+def test_series_is_scored_and_recorded(daemon_factory, log_stream):
+    daemon = daemon_factory()
+    series = classic_series(phantom((64, 64, 40)), spacing_mm=(2.0, 2.0, 2.0))
+    uid = str(series[0].SeriesInstanceUID)
+
+    statuses = send_datasets(series, daemon.port)
+
+    assert statuses == [0x0000] * len(series)
+    assert daemon.wait_idle(60)
+    (row,) = _rows(daemon, uid)
+    assert row.status is SeriesStatus.SCORED, row.reason
+    assert 0.0 <= row.score <= 1.0
+    assert row.instances == 40
+    assert row.calling_ae == "TEST_SCU"
+    assert row.station_name == "MR_TEST_1"
+    assert row.model_sha256 == daemon.scorer.model_sha256
+    assert len(row.patch_scores) == len(row.patch_origins) >= 1
+    logs = log_stream.getvalue()
+    assert "series_scored" in logs
+    for secret in (PATIENT_NAME, "Doe", PATIENT_ID, BIRTH_DATE):
+        assert secret not in logs
+
+
+def test_enhanced_multiframe_is_scored(daemon_factory):
+    daemon = daemon_factory()
+    series = enhanced_series(phantom((64, 64, 40)), spacing_mm=(2.0, 2.0, 2.0))
+    assert send_datasets(series, daemon.port) == [0x0000]
+    assert daemon.wait_idle(60)
+    (row,) = _rows(daemon, str(series[0].SeriesInstanceUID))
+    assert row.status is SeriesStatus.SCORED, row.reason
+    assert row.instances == 1
+
+
+def test_duplicate_instance_is_stored_once(daemon_factory):
+    daemon = daemon_factory()
+    series = classic_series(phantom((48, 48, 20)))
+    uid = str(series[0].SeriesInstanceUID)
+    assert send_datasets(series + series[:5], daemon.port) == [0x0000] * 25
+    assert len(daemon.spool.instance_paths(uid)) == 20
+    assert daemon.wait_idle(60)
+    (row,) = _rows(daemon, uid)
+    assert row.instances == 20
+
+
+def test_late_instance_opens_a_new_revision(daemon_factory):
+    daemon = daemon_factory()
+    series = classic_series(phantom((48, 48, 24)))
+    uid = str(series[0].SeriesInstanceUID)
+    send_datasets(series[:-1], daemon.port)
+    assert daemon.wait_idle(60)
+    send_datasets(series[-1:], daemon.port)
+    assert daemon.wait_idle(60)
+    rows = _rows(daemon, uid)
+    assert [(r.revision, r.instances) for r in rows] == [(1, 23), (2, 24)]
+    assert all(r.status is SeriesStatus.SCORED for r in rows)
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    _Hook.received = []
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/alerts", _Hook.received
+    server.shutdown()
+
+
+def test_low_score_raises_one_alert_per_revision(daemon_factory, webhook, log_stream):
+    url, received = webhook
+    # threshold 1.0: every scored series is "low", whatever the model says
+    daemon = daemon_factory(alerts={"threshold": 1.0, "webhook_url": url, "retry_initial_s": 0.1})
+    series = classic_series(phantom((48, 48, 20)))
+    uid = str(series[0].SeriesInstanceUID)
+    send_datasets(series, daemon.port)
+    assert daemon.wait_idle(60)
+    (row,) = _rows(daemon, uid)
+    assert row.below_threshold
+    assert daemon.alerts.deliver_due() in (0, 1)  # the dispatcher thread may have delivered it already
+    with daemon.store.session() as session:
+        (alert,) = alerts_for(session, row.id)
+        assert alert.state is AlertState.DELIVERED
+    assert [a["series_instance_uid"] for a in received] == [uid]
+    assert received[0]["score"] == pytest.approx(row.score)
+    assert "alert_raised" in log_stream.getvalue()
+
+
+def test_cli_history_json(daemon_factory, tmp_path, capsys):
+    daemon = daemon_factory()
+    good = classic_series(phantom((48, 48, 20)))
+    short = classic_series(phantom((48, 48, 3)))
+    send_datasets(good + short, daemon.port)
+    assert daemon.wait_idle(60)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\nstate_dir = "{daemon.settings.storage.state_dir}"\n')
+
+    assert main(["--config", str(config), "history", "--json"]) == 0
+    items = {item["series_instance_uid"]: item for item in json.loads(capsys.readouterr().out)}
+    scored = items[str(good[0].SeriesInstanceUID)]
+    skipped = items[str(short[0].SeriesInstanceUID)]
+    assert scored["status"] == "scored" and isinstance(scored["score"], float) and scored["reason"] is None
+    assert scored["instances"] == 20
+    assert skipped["status"] == "skipped" and skipped["score"] is None
+    assert "only 3 slices" in skipped["reason"]
+
+    assert main(["--config", str(config), "history", "--below", "-1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
