@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -234,6 +235,11 @@ def _validate(s: Settings) -> None:
           "dicom.ae_title", ae, "1 to 16 printable characters, no backslash, no leading/trailing spaces")
     for calling in s.dicom.allowed_calling_aets:
         check(0 < len(calling) <= 16, "dicom.allowed_calling_aets", calling, "AE titles of 1 to 16 characters")
+    for peer in s.dicom.allowed_peers:
+        try:
+            ipaddress.ip_network(peer, strict=False)
+        except ValueError:
+            raise SettingsError(f"dicom.allowed_peers: {peer!r} is not an IP address or network") from None
     check(0 <= s.dicom.port <= 65535, "dicom.port", s.dicom.port, "a port number 0..65535 (0: any free port)")
     check(s.dicom.max_associations >= 1, "dicom.max_associations", s.dicom.max_associations, ">= 1")
     for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):

@@ -80,3 +80,40 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data {path} not present")
     return path
+
+
+class Pipeline:
+    """Spool + store + scorer + processor without the network: for classification and failure tests."""
+
+    def __init__(self, settings: Settings):
+        from qc_daemon.pipeline import SeriesProcessor
+        from qc_daemon.scorer import Scorer
+        from qc_daemon.spool import Spool
+        from qc_daemon.store import Store
+
+        settings.storage.state_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(settings.storage.spool_path)
+        self.store = Store(settings.storage.database)
+        self.processor = SeriesProcessor(
+            self.spool, self.store, Scorer(settings.scoring), min_slices=settings.assembly.min_slices,
+            threshold=settings.alerts.threshold, alert_channels=(), archive_dir=None,
+        )
+
+    def spool_datasets(self, datasets) -> str:
+        from pydicom.filebase import DicomBytesIO
+
+        for ds in datasets:
+            buffer = DicomBytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            self.spool.store(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), buffer.getvalue())
+        return str(datasets[0].SeriesInstanceUID)
+
+    def process(self, datasets):
+        return self.processor.process(self.spool_datasets(datasets))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    pipe = Pipeline(make_settings(tmp_path_factory.mktemp("pipeline")))
+    yield pipe
+    pipe.store.close()
