@@ -92,7 +92,7 @@ class SeriesProcessor:
             return row
 
     def _score_into(self, row: SeriesResult, series) -> None:
-        classify(series, self.min_slices)
+        series = classify(series, self.min_slices)
         keep_as = None
         if self.archive_dir is not None:
             keep_as = self.archive_dir / f"{row.series_instance_uid}_r{row.revision}.nii.gz"

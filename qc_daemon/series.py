@@ -84,28 +84,45 @@ def series_facts(series: SpooledSeries, instances: int, received_at: dt.datetime
     )
 
 
-def classify(series: SpooledSeries, min_slices: int) -> None:
-    """Raise SeriesSkipped/SeriesFailed unless the series looks like one 3D anatomical MR volume."""
+def mr_images_only(series: SpooledSeries) -> SpooledSeries:
+    """The series without its non-image companions.
+
+    Scanners put other objects in an image series (Philips stores its Raw Data Storage object under the
+    series UID of the images it belongs to): they are counted as received but not part of the volume.
+    """
+    kept = [(p, ds) for p, ds in zip(series.paths, series.datasets, strict=True)
+            if str(ds.get("SOPClassUID", "")) in MR_IMAGE_CLASSES]
+    if not kept or len(kept) == len(series.datasets):
+        return series
+    paths, datasets = zip(*kept, strict=True)
+    return SpooledSeries(series.series_uid, tuple(paths), tuple(datasets), series.unreadable)
+
+
+def classify(series: SpooledSeries, min_slices: int) -> SpooledSeries:
+    """The instances that make the volume; raises SeriesSkipped/SeriesFailed unless they look like one 3D
+    anatomical MR volume."""
     if not series.datasets:
         detail = "; ".join(series.unreadable[:3])
         raise SeriesFailed(f"no readable DICOM instance ({detail})")
     classes = {str(ds.get("SOPClassUID", "")) for ds in series.datasets}
-    non_mr = sorted(classes - MR_IMAGE_CLASSES)
-    if non_mr:
-        names = ", ".join(UID(uid).name or uid for uid in non_mr)
+    if not classes & MR_IMAGE_CLASSES:
+        names = ", ".join(UID(uid).name or uid for uid in sorted(classes))
         raise SeriesSkipped(f"not an MR image series (SOP class {names})")
+    series = mr_images_only(series)
     image_types = {str(v).upper() for ds in series.datasets for v in _multi(ds.get("ImageType"))}
     if "LOCALIZER" in image_types:
         raise SeriesSkipped("localizer (ImageType LOCALIZER)")
     if "MOSAIC" in image_types:
         raise SeriesSkipped("mosaic: an EPI/time-series acquisition, not a 3D anatomical volume")
     _check_pixel_claims(series)
+    classes = {str(ds.SOPClassUID) for ds in series.datasets}
     if len(classes) > 1:
         raise SeriesSkipped("mixes classic and enhanced MR instances")
     if classes == {MR_IMAGE_STORAGE}:
         _classify_classic(series.datasets, min_slices)
     else:
         _classify_enhanced(series.datasets, min_slices)
+    return series
 
 
 def _classify_classic(datasets: tuple[Dataset, ...], min_slices: int) -> None:
