@@ -242,18 +242,24 @@ def test_checkpoint_round_trip_reproduces_outputs(tmp_path) -> None:
     model.train()
     with torch.no_grad():
         model(_inputs(Spatial.D3, 3, seed=9))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)  # one step, so its state is non-trivial
+    model(_inputs(Spatial.D3, 2)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
     model.eval()
     x = _inputs(Spatial.D3, 3)
     with torch.no_grad():
         expected = model(x)
     path = tmp_path / "sub" / "ckpt.pt"
-    save_checkpoint(path, model, config, {"lr": 1e-4, "epochs": 2}, _meta(), extra={"epoch": 2, "val_srcc": 0.8})
+    extra = {"epoch": 2, "val_srcc": np.float64(0.8), "optimizer": optimizer.state_dict()}
+    save_checkpoint(path, model, config, {"lr": 1e-4, "epochs": 2}, _meta(), extra=extra)
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]  # no temp file left behind
     ckpt = load_checkpoint(path)
     assert ckpt.model_config == config
     assert ckpt.train_config == {"lr": 1e-4, "epochs": 2}
     assert ckpt.model_meta == _meta()
-    assert ckpt.extra == {"epoch": 2, "val_srcc": 0.8}
+    assert ckpt.extra["epoch"] == 2 and type(ckpt.extra["val_srcc"]) is float and ckpt.extra["val_srcc"] == 0.8
+    torch.optim.Adam(model.parameters(), lr=1e-4).load_state_dict(ckpt.extra["optimizer"])
     restored = model_from_checkpoint(ckpt)
     assert not restored.training
     with torch.no_grad():
@@ -275,6 +281,8 @@ def test_checkpoint_rejects_bad_meta_and_mismatched_config(tmp_path) -> None:
         save_checkpoint(tmp_path / "a.pt", model, config, {}, meta)
     with pytest.raises(CheckpointError, match="width=4"):
         save_checkpoint(tmp_path / "a.pt", model, ModelConfig(width=4), {}, _meta())
+    with pytest.raises(CheckpointError, match=r"extra\['where'\] is a PosixPath"):
+        save_checkpoint(tmp_path / "a.pt", model, config, {}, _meta(), extra={"where": tmp_path})
     assert not list(tmp_path.iterdir())
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt"):
