@@ -88,14 +88,20 @@ class AlertDispatcher:
         self.settings = settings
         self.poll_s = poll_s
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qc-alerts", daemon=True)
 
     def start(self) -> None:
         if enabled_channels(self.settings):
             self._thread.start()
 
+    def wake(self) -> None:
+        """A new alert is in the outbox: deliver now rather than at the next poll."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
 
@@ -105,7 +111,8 @@ class AlertDispatcher:
                 self.deliver_due()
             except Exception:  # noqa: BLE001 - e.g. the database is briefly locked; try again next poll
                 log.exception("alert_dispatch_error")
-            self._stop.wait(self.poll_s)
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
 
     def deliver_due(self, now: dt.datetime | None = None) -> int:
         """Try every due alert once; returns how many were delivered."""

@@ -44,6 +44,7 @@ class SeriesProcessor:
         threshold: float,
         alert_channels: tuple[AlertChannel, ...],
         archive_dir: Path | None,
+        on_alert: Callable[[], None] = lambda: None,
     ):
         self.spool = spool
         self.store = store
@@ -52,6 +53,7 @@ class SeriesProcessor:
         self.threshold = threshold
         self.alert_channels = alert_channels
         self.archive_dir = archive_dir
+        self.on_alert = on_alert
 
     def process(self, series_uid: str) -> SeriesResult | None:
         """Record one revision of the series; None when the spool holds nothing new since the last one."""
@@ -89,6 +91,8 @@ class SeriesProcessor:
                     enqueue_alert(session, row, channel, payload)
             session.commit()
             self._log_outcome(bound, row)
+            if row.below_threshold and self.alert_channels:
+                self.on_alert()
             return row
 
     def _score_into(self, row: SeriesResult, series) -> None:

@@ -40,6 +40,7 @@ class Daemon:
         self.scorer = Scorer(settings.scoring)
         self.spool = Spool(storage.spool_path)
         self.spool.clean_incoming()
+        self.alerts = AlertDispatcher(self.store, settings.alerts)
         self.processor = SeriesProcessor(
             self.spool,
             self.store,
@@ -48,6 +49,7 @@ class Daemon:
             threshold=settings.alerts.threshold,
             alert_channels=enabled_channels(settings.alerts),
             archive_dir=storage.archive_path if storage.keep_nifti else None,
+            on_alert=self.alerts.wake,
         )
         self.work = WorkQueue(self.processor.process, settings.assembly.workers, settings.assembly.max_queue)
         self.assembler = Assembler(
@@ -62,7 +64,6 @@ class Daemon:
             max_instance_bytes=settings.dicom.max_instance_mb * 2**20,
             min_free_mb=storage.min_free_mb,
         )
-        self.alerts = AlertDispatcher(self.store, settings.alerts)
         self.drop_folder = (
             DropFolder(Path(settings.watch.folder).expanduser(), self.intake, settings.watch.settle_s)
             if settings.watch.folder
