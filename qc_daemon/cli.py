@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = _settings(args.config)
+        if args.run is not cmd_serve:
+            # Offline commands print results on stdout (often JSON for scripts): their logs go to stderr.
+            from qc_daemon.logs import configure_logging
+
+            configure_logging(settings.logging, stream=sys.stderr)
         return args.run(args, settings)
     except SettingsError as exc:
         print(f"qc-daemon: configuration error: {exc}", file=sys.stderr)
