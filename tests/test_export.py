@@ -228,7 +228,7 @@ def test_shipped_default_model_is_valid() -> None:
         pytest.skip(f"{DEFAULT_OUT} not built (python -m export bundle)")
     proto = onnx.load(str(DEFAULT_OUT))
     info = ModelInfo.from_metadata({p.key: p.value for p in proto.metadata_props})
-    assert info.architecture == "hysnet-r18-3d-hyper" and info.width == 8 and info.patch_size == 96
+    assert info.architecture == "hysnet-r18-3d-hyper" and info.patch_size == 96 and info.input_kind == "patch3d"
     assert info.parity.passed
     assert onnx_weights_sha256(proto) == info.sha256
     assert DEFAULT_OUT.stat().st_size < 10_000_000
