@@ -138,3 +138,25 @@ def test_cli_history_json(daemon_factory, tmp_path, capsys):
 
     assert main(["--config", str(config), "history", "--below", "-1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_cli_history_filters(daemon_factory, tmp_path, capsys):
+    daemon = daemon_factory()
+    send_datasets(classic_series(phantom((48, 48, 20))), daemon.port)
+    assert daemon.wait_idle(60)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\nstate_dir = "{daemon.settings.storage.state_dir}"\n')
+
+    def uids(*args):
+        assert main(["--config", str(config), "history", "--json", *args]) == 0
+        return [item["series_instance_uid"] for item in json.loads(capsys.readouterr().out)]
+
+    assert len(uids()) == 1
+    assert uids("--station", "MR_TEST_1") == uids()
+    assert uids("--station", "ELSEWHERE") == []
+    assert uids("--since", "1h") == uids()
+    assert uids("--since", "2999-01-01") == []
+    assert uids("--status", "failed") == []
+    assert main(["--config", str(config), "history"]) == 0
+    table = capsys.readouterr().out
+    assert "scored" in table and "MR_TEST_1" in table
