@@ -32,6 +32,14 @@ def make_settings(tmp_path: Path, **sections) -> Settings:
     return settings_from_dict(raw)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_logging():
+    """Each test starts with logs to a stream of its own; none writes into an earlier test's closed capture."""
+    configure_logging(LoggingSettings(format=LogFormat.JSON, level="info"), stream=io.StringIO())
+    yield
+    logging.getLogger().handlers.clear()
+
+
 @pytest.fixture
 def log_stream():
     """Everything the daemon logs during the test, as JSON lines."""
