@@ -56,6 +56,11 @@ def cuda_usable() -> bool:
         ctypes.CDLL("libcuda.so.1")
     except OSError:
         return False
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip wheels, when installed
+        except Exception:  # noqa: BLE001 - absent wheels are fine: system libraries may still be found
+            pass
     return True
 
 
@@ -103,6 +108,12 @@ class Scorer:
             str(self.path), sess_options=options, providers=choose_providers(settings.device)
         )
         self._check_io()
+        wanted = choose_providers(settings.device)[0]
+        if self.session.get_providers()[0] != wanted:
+            # ONNX Runtime falls back to the CPU silently when CUDA/cuDNN libraries are missing.
+            if settings.device is Device.CUDA:
+                raise ModelError(f"scoring.device = 'cuda' but ONNX Runtime runs on {self.session.get_providers()}")
+            log.warning("cuda_unavailable", providers=self.session.get_providers())
         log.info(
             "model_loaded",
             model=str(self.path),
