@@ -17,7 +17,9 @@ import urllib.request
 
 from qc_daemon.logs import get_logger
 from qc_daemon.settings import AlertSettings
-from qc_daemon.store import AlertChannel, AlertState, SeriesResult, Store, due_alerts, utcnow
+from sqlalchemy import update
+
+from qc_daemon.store import Alert, AlertChannel, AlertState, SeriesResult, Store, due_alerts, utcnow
 
 log = get_logger(__name__)
 
@@ -115,38 +117,59 @@ class AlertDispatcher:
             self._wake.clear()
 
     def deliver_due(self, now: dt.datetime | None = None) -> int:
-        """Try every due alert once; returns how many were delivered."""
+        """Try every due alert once; returns how many were delivered.
+
+        Each alert is first claimed (its next attempt moved past the delivery timeout in one conditional
+        UPDATE), so two dispatchers, in one process or in several daemons sharing a database, never send the
+        same alert twice at once.
+        """
         delivered = 0
         for channel in enabled_channels(self.settings):
             with self.store.session() as session:
-                for alert in due_alerts(session, channel, now or utcnow()):
-                    try:
-                        self._deliver(channel, alert.payload)
-                    except DeliveryError as exc:
-                        alert.attempts += 1
-                        alert.last_error = str(exc)[:500]
-                        delay = backoff_s(alert.attempts, self.settings.retry_initial_s, self.settings.retry_max_s)
-                        alert.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
-                        log.warning(
-                            "alert_delivery_failed",
-                            channel=channel.value,
-                            series_instance_uid=alert.payload.get("series_instance_uid"),
-                            attempts=alert.attempts,
-                            retry_in_s=delay,
-                            error=alert.last_error,
-                        )
-                    else:
-                        alert.attempts += 1
-                        alert.state = AlertState.DELIVERED
-                        alert.delivered_at = utcnow()
-                        delivered += 1
-                        log.info(
-                            "alert_delivered",
-                            channel=channel.value,
-                            series_instance_uid=alert.payload.get("series_instance_uid"),
-                        )
-                    session.commit()
+                due = [alert.id for alert in due_alerts(session, channel, now or utcnow())]
+            for alert_id in due:
+                if self._claim(alert_id, now or utcnow()):
+                    delivered += self._attempt(channel, alert_id)
         return delivered
+
+    def _claim(self, alert_id: int, now: dt.datetime) -> bool:
+        lease_s = max(self.settings.webhook_timeout_s, self.settings.exec_timeout_s) + 30.0
+        with self.store.session() as session:
+            claimed = session.execute(
+                update(Alert)
+                .where(Alert.id == alert_id, Alert.state == AlertState.PENDING, Alert.next_attempt_at <= now)
+                .values(next_attempt_at=now + dt.timedelta(seconds=lease_s))
+            ).rowcount
+            session.commit()
+        return claimed == 1
+
+    def _attempt(self, channel: AlertChannel, alert_id: int) -> int:
+        with self.store.session() as session:
+            alert = session.get(Alert, alert_id)
+            series_uid = alert.payload.get("series_instance_uid")
+            try:
+                self._deliver(channel, alert.payload)
+            except DeliveryError as exc:
+                alert.attempts += 1
+                alert.last_error = str(exc)[:500]
+                delay = backoff_s(alert.attempts, self.settings.retry_initial_s, self.settings.retry_max_s)
+                alert.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
+                session.commit()
+                log.warning(
+                    "alert_delivery_failed",
+                    channel=channel.value,
+                    series_instance_uid=series_uid,
+                    attempts=alert.attempts,
+                    retry_in_s=delay,
+                    error=alert.last_error,
+                )
+                return 0
+            alert.attempts += 1
+            alert.state = AlertState.DELIVERED
+            alert.delivered_at = utcnow()
+            session.commit()
+        log.info("alert_delivered", channel=channel.value, series_instance_uid=series_uid)
+        return 1
 
     def _deliver(self, channel: AlertChannel, payload: dict) -> None:
         if channel is AlertChannel.WEBHOOK:

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import pydicom
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -103,9 +102,7 @@ class DropFolder:
     def ingest(self, path: Path) -> bool:
         """Spool one dropped file; True when it was spooled (or already was) and removed from the folder."""
         try:
-            data = path.read_bytes()
-            dataset = pydicom.dcmread(path, stop_before_pixels=True)
-            self.intake.accept(dataset, lambda: data, len(data))
+            self.intake.accept_file(path)
         except InstanceRejected as exc:
             self._reject(path, exc.reason)
             return False

@@ -8,7 +8,9 @@ instance durably in the spool; nothing slow happens here (assembly and scoring r
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from functools import partial
+from pathlib import Path
 
 from pydicom import uid as dcm_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -17,7 +19,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from qc_daemon.intake import InstanceRejected, Intake, StoreStatus
 from qc_daemon.logs import get_logger
-from qc_daemon.settings import DicomSettings
+from qc_daemon.settings import DicomSettings, SettingsError
 from qc_daemon.spool import StoreOutcome
 
 log = get_logger(__name__)
@@ -73,14 +75,27 @@ def handle_requested(event: evt.Event, allowed_peers: list, intake: Intake) -> N
     address = event.assoc.requestor.address
     if allowed_peers and not _peer_allowed(address, allowed_peers):
         log.warning("association_rejected", peer=address, reason="peer address not allowed")
-        event.assoc.acse.send_reject(*REJECT_PEER_NOT_ALLOWED)
+        _reject(event.assoc, REJECT_PEER_NOT_ALLOWED)
         return
     if not intake.has_room():
         log.warning("association_rejected", peer=address, reason="free disk below the floor")
-        event.assoc.acse.send_reject(*REJECT_NO_DISK)
+        _reject(event.assoc, REJECT_NO_DISK)
+
+
+def _reject(assoc, reason: tuple[int, int, int]) -> None:
+    """Send A-ASSOCIATE-RJ and wait until it went out, as pynetdicom does for its own rejections.
+
+    Without the wait the association thread closes the socket right after this handler returns, usually before
+    the DUL thread has sent the PDU: the peer then sees a dropped connection (an abort), not the rejection and
+    its reason (transient for a full disk, so a scanner retries later; permanent for a peer not allowed).
+    """
+    assoc.acse.send_reject(*reason)
+    assoc.kill()
 
 
 def handle_store(event: evt.Event, intake: Intake) -> int:
+    """Spool one instance. The dataset is decoded by the intake after its encoding was checked: never through
+    ``event.dataset``, which would parse (and inflate, for the deflated syntax) whatever the peer claims."""
     request = event.request
     calling_ae = event.assoc.requestor.ae_title
     sop_uid = str(request.AffectedSOPInstanceUID or "")
@@ -88,10 +103,11 @@ def handle_store(event: evt.Event, intake: Intake) -> int:
         stream = request.DataSet.getvalue()
         meta = event.file_meta
         meta.SourceApplicationEntityTitle = calling_ae
-        outcome = intake.accept(
-            event.dataset,
+        outcome = intake.accept_stream(
+            stream,
+            event.context.transfer_syntax,
             partial(_part10, meta, stream),
-            len(stream),
+            sop_class_uid=str(request.AffectedSOPClassUID or ""),
             sop_instance_uid=sop_uid or None,
         )
     except InstanceRejected as exc:
@@ -124,14 +140,57 @@ def _peer_allowed(address: str, allowed: list) -> bool:
     return any(ip in network for network in allowed)
 
 
+class _ServerTLSContext(ssl.SSLContext):
+    """A server context whose TLS handshake runs on the association's own thread, with a timeout.
+
+    pynetdicom wraps each accepted socket in its accept loop; with the default handshake-on-wrap, one client
+    that connects and sends nothing (or speaks plain DICOM) would hold that loop, and so every other scanner,
+    for as long as it likes. Here the handshake happens on the first read, in the association's thread.
+    """
+
+    handshake_timeout_s: float = 30.0
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, *args, **kwargs):
+        sock.settimeout(self.handshake_timeout_s)
+        return super().wrap_socket(sock, server_side, False, *args, **kwargs)
+
+
+def build_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
+    """The listener's TLS context (TLS 1.2+), or None for plain TCP; client certificates are required and
+    verified against ``tls_ca_file`` when it is set."""
+    if not settings.tls:
+        return None
+    context = _ServerTLSContext(ssl.PROTOCOL_TLS_SERVER)
+    context.handshake_timeout_s = settings.network_timeout_s
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(Path(settings.tls_cert_file).expanduser(), Path(settings.tls_key_file).expanduser())
+        if settings.tls_ca_file:
+            context.load_verify_locations(cafile=Path(settings.tls_ca_file).expanduser())
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (ssl.SSLError, OSError) as exc:
+        raise SettingsError(f"dicom TLS files cannot be loaded: {exc}") from exc
+    return context
+
+
 def start_listener(settings: DicomSettings, intake: Intake) -> tuple[AE, ThreadedAssociationServer]:
     ae = build_ae(settings)
+    ssl_context = build_ssl_context(settings)
     allowed = [ipaddress.ip_network(p, strict=False) for p in settings.allowed_peers]
     handlers = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [intake]),
         (evt.EVT_REQUESTED, handle_requested, [allowed, intake]),
     ]
-    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
-    log.info("listener_started", ae_title=settings.ae_title, host=settings.host, port=server.server_address[1])
+    server = ae.start_server(
+        (settings.host, settings.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+    )
+    log.info(
+        "listener_started",
+        ae_title=settings.ae_title,
+        host=settings.host,
+        port=server.server_address[1],
+        tls=ssl_context is not None,
+        client_certificates=bool(settings.tls_ca_file),
+    )
     return ae, server

@@ -9,6 +9,7 @@ have been scorable, but the data is broken).
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from qc_daemon.intake import check_part10
 from qc_daemon.store import SeriesFacts
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -27,6 +29,11 @@ MR_IMAGE_CLASSES = frozenset({MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE, LEGAC
 
 # A series whose decoded pixels would exceed this is refused before decoding (a header's claim is never trusted).
 MAX_DECODED_BYTES = 2 * 2**30
+# Element values larger than this stay on disk until used (pixel data is read slice by slice when converting).
+DEFER_BYTES = 64 * 2**10
+# A series whose spooled files add up to more than this is read without its pixel data and fails: compressed
+# pixel data cannot be left on disk while parsing, and this much is never one scorable volume.
+MAX_SERIES_FILE_BYTES = 2 * MAX_DECODED_BYTES
 _ORIENTATION_TOLERANCE = 1e-3
 
 
@@ -46,6 +53,7 @@ class SpooledSeries:
     paths: tuple[Path, ...]
     datasets: tuple[Dataset, ...]
     unreadable: tuple[str, ...]  # "file: reason" for instances that could not be parsed
+    too_large: str | None = None  # set when the files were too large to read with their pixel data
 
     @property
     def first(self) -> Dataset:
@@ -53,17 +61,40 @@ class SpooledSeries:
 
 
 def read_series(series_uid: str, paths: list[Path]) -> SpooledSeries:
+    """Parse every instance's header; never raises (what cannot be read is listed in ``unreadable``).
+
+    Each file's encoding is checked before pydicom reads it (no length is trusted), and large values such as
+    native pixel data stay on disk until the volume is built.
+    """
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(path.stat().st_size)
+        except OSError:
+            sizes.append(0)
+    too_large = None
+    if sum(sizes) > MAX_SERIES_FILE_BYTES:
+        too_large = (f"the series' {len(paths)} files hold {sum(sizes) // 2**20} MiB, more than "
+                     f"{MAX_SERIES_FILE_BYTES // 2**20} MiB")
     datasets, kept, unreadable = [], [], []
     for path in paths:
         try:
-            ds = pydicom.dcmread(path)
-            _ = ds.SOPClassUID  # force the lazy parse of the header now, inside the try
+            ds = read_instance(path, with_pixels=too_large is None)
         except Exception as exc:  # noqa: BLE001 - untrusted file: any parse error is a reason, not a crash
             unreadable.append(f"{path.name}: {type(exc).__name__}: {exc}"[:300])
             continue
         datasets.append(ds)
         kept.append(path)
-    return SpooledSeries(series_uid, tuple(kept), tuple(datasets), tuple(unreadable))
+    return SpooledSeries(series_uid, tuple(kept), tuple(datasets), tuple(unreadable), too_large)
+
+
+def read_instance(path: Path, with_pixels: bool = True) -> Dataset:
+    """One spooled Part 10 file, its structure checked first; raises MalformedDataset and pydicom's errors."""
+    with open(path, "rb") as fh:
+        check_part10(fh, inflate_limit=MAX_DECODED_BYTES, size=os.fstat(fh.fileno()).st_size)
+    ds = pydicom.dcmread(path, defer_size=DEFER_BYTES, stop_before_pixels=not with_pixels)
+    _ = ds.SOPClassUID  # force the lazy parse of the header now, inside the caller's try
+    return ds
 
 
 def series_facts(series: SpooledSeries, instances: int, received_at: dt.datetime) -> SeriesFacts:
@@ -95,7 +126,7 @@ def mr_images_only(series: SpooledSeries) -> SpooledSeries:
     if not kept or len(kept) == len(series.datasets):
         return series
     paths, datasets = zip(*kept, strict=True)
-    return SpooledSeries(series.series_uid, tuple(paths), tuple(datasets), series.unreadable)
+    return SpooledSeries(series.series_uid, tuple(paths), tuple(datasets), series.unreadable, series.too_large)
 
 
 def classify(series: SpooledSeries, min_slices: int) -> SpooledSeries:
@@ -104,9 +135,9 @@ def classify(series: SpooledSeries, min_slices: int) -> SpooledSeries:
     if not series.datasets:
         detail = "; ".join(series.unreadable[:3])
         raise SeriesFailed(f"no readable DICOM instance ({detail})")
-    classes = {str(ds.get("SOPClassUID", "")) for ds in series.datasets}
+    classes = {str(ds.get("SOPClassUID", "") or "").rstrip("\x00 ") for ds in series.datasets}
     if not classes & MR_IMAGE_CLASSES:
-        names = ", ".join(UID(uid).name or uid for uid in sorted(classes))
+        names = ", ".join((UID(uid).name or uid)[:64] if uid else "missing" for uid in sorted(classes)[:5])
         raise SeriesSkipped(f"not an MR image series (SOP class {names})")
     series = mr_images_only(series)
     image_types = {str(v).upper() for ds in series.datasets for v in _multi(ds.get("ImageType"))}
@@ -149,7 +180,7 @@ def _classify_classic(datasets: tuple[Dataset, ...], min_slices: int) -> None:
     repeats = Counter(along.tolist()).most_common(1)[0][1]
     if repeats > 1:
         raise SeriesSkipped(f"{repeats} instances at the same slice position: a time series or repeated stack")
-    temporal = {int(ds.get("TemporalPositionIdentifier", 1) or 1) for ds in datasets}
+    temporal = {_int(ds, "TemporalPositionIdentifier", 1) for ds in datasets}
     if len(temporal) > 1:
         raise SeriesSkipped(f"{len(temporal)} temporal positions: a time series")
 
@@ -159,17 +190,22 @@ def _classify_enhanced(datasets: tuple[Dataset, ...], min_slices: int) -> None:
     if total_frames < min_slices:
         raise SeriesSkipped(f"only {total_frames} frames; a 3D volume needs at least {min_slices}")
     for ds in datasets:
-        temporal = int(ds.get("NumberOfTemporalPositions", 1) or 1)
+        temporal = _int(ds, "NumberOfTemporalPositions", 1)
         for group in ds.get("SharedFunctionalGroupsSequence", []) or []:
             for timing in group.get("MRTimingAndRelatedParametersSequence", []) or []:
-                temporal = max(temporal, int(timing.get("NumberOfTemporalPositions", 1) or 1))
+                temporal = max(temporal, _int(timing, "NumberOfTemporalPositions", 1))
         if temporal > 1:
             raise SeriesSkipped(f"{temporal} temporal positions: a time series")
 
 
 def _check_pixel_claims(series: SpooledSeries) -> None:
-    """Compare what each header claims with the pixel data actually present, before anything is decoded."""
-    total = 0
+    """Compare what each header claims with the pixel data actually present, before anything is decoded.
+
+    Only header values and stored lengths are used: pixel data still on disk is not read to be measured.
+    """
+    if series.too_large:
+        raise SeriesFailed(series.too_large)
+    claimed = stored = 0
     for path, ds in zip(series.paths, series.datasets, strict=True):
         if "PixelData" not in ds:
             raise SeriesFailed(f"{path.name}: no pixel data")
@@ -187,22 +223,48 @@ def _check_pixel_claims(series: SpooledSeries) -> None:
         if samples != 1:
             raise SeriesSkipped(f"{path.name}: {samples} samples per pixel (colour), not an MR magnitude image")
         expected = rows * cols * frames * bits // 8
-        total += expected
-        if total > MAX_DECODED_BYTES:
-            raise SeriesFailed(f"decoded pixel data would exceed {MAX_DECODED_BYTES // 2**20} MiB")
-        if not ds.file_meta.TransferSyntaxUID.is_compressed:
-            present = len(ds.PixelData)
+        claimed += expected
+        if claimed > MAX_DECODED_BYTES:
+            raise SeriesFailed(f"decoded pixel data would exceed {MAX_DECODED_BYTES // 2**20} MiB "
+                               f"({path.name} claims {rows}x{cols}, {frames} frames, {bits} bits)")
+        present = _stored_length(ds, "PixelData")
+        stored += present
+        if stored > MAX_DECODED_BYTES:
+            raise SeriesFailed(f"stored pixel data exceeds {MAX_DECODED_BYTES // 2**20} MiB")
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is None or not UID(syntax).is_transfer_syntax:
+            raise SeriesFailed(f"{path.name}: unknown transfer syntax {str(syntax)[:64]!r}")
+        if not UID(syntax).is_compressed:
             if present < expected:
                 raise SeriesFailed(
                     f"{path.name}: pixel data holds {present} bytes, Rows/Columns/NumberOfFrames claim {expected}"
                 )
+            if present % 2:
+                raise SeriesFailed(f"{path.name}: pixel data of odd length {present} (malformed encoding)")
+
+
+def _stored_length(ds: Dataset, keyword: str) -> int:
+    """The length of an element's stored value, without reading a value that is still on disk."""
+    element = ds.get_item(keyword, keep_deferred=True)
+    if element is None:
+        return 0
+    value = element.value
+    if value is None:  # a deferred raw element: its length is known, its value still in the file
+        length = getattr(element, "length", 0) or 0
+        return 0 if length == 0xFFFFFFFF else length
+    return len(value)
 
 
 def _frames(ds: Dataset) -> int:
+    return _int(ds, "NumberOfFrames", 1)
+
+
+def _int(ds: Dataset, keyword: str, default: int) -> int:
+    """An integer header value; a malformed one fails the series with its name (never an internal error)."""
     try:
-        return int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError) as exc:
-        raise SeriesFailed(f"malformed NumberOfFrames {ds.get('NumberOfFrames')!r}") from exc
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SeriesFailed(f"malformed {keyword} {str(ds.get(keyword))[:40]!r}") from exc
 
 
 def _multi(value) -> list:

@@ -56,6 +56,15 @@ class DicomSettings:
     network_timeout_s: float = 60.0
     # A single instance larger than this is refused (out of resources) before it is written.
     max_instance_mb: int = 1024
+    # DICOM TLS (PS3.15 B.1), TLS 1.2+. Empty cert/key: plain TCP. With a CA file, clients must present a
+    # certificate signed by it (mutual TLS); without one, any client may connect over TLS.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +169,8 @@ def load_settings(path: Path | None = None) -> Settings:
             raw = tomllib.load(fh)
     except FileNotFoundError as exc:
         raise SettingsError(f"config file {path} does not exist") from exc
+    except OSError as exc:
+        raise SettingsError(f"config file {path} cannot be read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
     return settings_from_dict(raw)
@@ -245,6 +256,7 @@ def _validate(s: Settings) -> None:
     for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
         check(getattr(s.dicom, key) > 0, f"dicom.{key}", getattr(s.dicom, key), "> 0")
     check(s.dicom.max_instance_mb >= 1, "dicom.max_instance_mb", s.dicom.max_instance_mb, ">= 1")
+    _validate_tls(s.dicom)
     check(s.storage.min_free_mb >= 0, "storage.min_free_mb", s.storage.min_free_mb, ">= 0")
     check(s.storage.retention_days >= 0, "storage.retention_days", s.storage.retention_days, ">= 0")
     check(s.watch.settle_s >= 0, "watch.settle_s", s.watch.settle_s, ">= 0")
@@ -264,3 +276,31 @@ def _validate(s: Settings) -> None:
     check(s.logging.level in _LOG_LEVELS, "logging.level", s.logging.level, "one of " + ", ".join(_LOG_LEVELS))
     if s.scoring.model_path and not Path(s.scoring.model_path).expanduser().is_file():
         raise SettingsError(f"scoring.model_path = {s.scoring.model_path!r}: no such file")
+
+
+def _validate_tls(d: DicomSettings) -> None:
+    """TLS files must exist and load (a typo is a start-up error, never a silently unencrypted port)."""
+    if bool(d.tls_cert_file) != bool(d.tls_key_file):
+        raise SettingsError("dicom.tls_cert_file and dicom.tls_key_file must be set together (or both left empty)")
+    if d.tls_ca_file and not d.tls_cert_file:
+        raise SettingsError(f"dicom.tls_ca_file = {d.tls_ca_file!r} needs dicom.tls_cert_file and dicom.tls_key_file")
+    for key in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
+        value = getattr(d, key)
+        if value and not Path(value).expanduser().is_file():
+            raise SettingsError(f"dicom.{key} = {value!r}: no such file")
+    if d.tls:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(Path(d.tls_cert_file).expanduser(), Path(d.tls_key_file).expanduser())
+        except (ssl.SSLError, OSError) as exc:
+            raise SettingsError(
+                f"dicom.tls_cert_file = {d.tls_cert_file!r} / dicom.tls_key_file = {d.tls_key_file!r}: "
+                f"cannot load the certificate and key: {exc}"
+            ) from None
+        if d.tls_ca_file:
+            try:
+                context.load_verify_locations(cafile=Path(d.tls_ca_file).expanduser())
+            except (ssl.SSLError, OSError) as exc:
+                raise SettingsError(f"dicom.tls_ca_file = {d.tls_ca_file!r}: cannot load: {exc}") from None

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")  # always used with fullmatch
 INSTANCE_SUFFIX = ".dcm"
 
 
@@ -32,10 +32,11 @@ class StoreOutcome(enum.Enum):
 
 def check_uid(value: object, what: str) -> str:
     """Return ``value`` as a UID string if it is a well-formed DICOM UID, else raise :class:`InvalidUID`."""
-    text = str(value).strip().rstrip("\x00") if value is not None else ""
+    # Only DICOM's padding (a trailing NUL or space) is removed; anything else, a newline included, is refused.
+    text = str(value).rstrip("\x00 ").lstrip(" ") if value is not None else ""
     if not text:
         raise InvalidUID(f"{what} is missing")
-    if len(text) > 64 or not _UID.match(text):
+    if len(text) > 64 or not _UID.fullmatch(text):
         raise InvalidUID(f"{what} is not a valid UID: {text[:80]!r}")
     return text
 
@@ -82,7 +83,7 @@ class Spool:
 
     def series_uids(self) -> Iterator[str]:
         for entry in sorted(self.root.iterdir()):
-            if entry.is_dir() and _UID.match(entry.name):
+            if entry.is_dir() and not entry.is_symlink() and _UID.fullmatch(entry.name):
                 yield entry.name
 
     def last_modified(self, series_uid: str) -> float:
