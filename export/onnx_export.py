@@ -36,7 +36,7 @@ import onnx
 import torch
 
 from export.graph_check import GraphCheck, require_dynamic_matmuls
-from export.parity import ParityConfig, ParityReport, check_parity, require_parity
+from export.parity import ParityConfig, ParityError, ParityReport, check_parity, require_parity
 from qc_daemon.model_contract import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from qc_daemon.model_contract import onnx_weights_sha256 as contract_onnx_weights_sha256
 from trainer.checkpoint import (

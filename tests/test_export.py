@@ -161,6 +161,10 @@ def test_parity_cli_reruns_and_rejects_other_weights(exported, tmp_path, capsys)
     other = save_checkpoint(tmp_path / "other.pt", build_model(config, seed=99), config, {}, _meta())
     assert main(["parity", str(exported["out"]), str(other), "--trials", "1"]) == 1
     assert "parity FAILED" in capsys.readouterr().err
+    wider = ModelConfig(width=WIDTH * 2)
+    mismatch = save_checkpoint(tmp_path / "wider.pt", build_model(wider, seed=1), wider, {}, _meta())
+    assert main(["parity", str(exported["out"]), str(mismatch), "--trials", "1"]) == 1
+    assert f"width {WIDTH * 2}" in capsys.readouterr().err
 
 
 def test_broken_parity_raises_and_leaves_no_model_file(tmp_path, monkeypatch) -> None:

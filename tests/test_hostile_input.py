@@ -241,22 +241,22 @@ def test_walker_limits(monkeypatch):
     """The element-count and nesting caps, and a few encodings pydicom tolerates that must not be refused."""
     import struct
 
-    from qc_daemon import intake
+    from qc_daemon import dicom_bytes
 
     element = struct.pack("<HH", 0x0009, 0x1001) + b"LO" + struct.pack("<H", 2) + b"ab"
-    intake.check_dataset(element * 1000, implicit=False, little=True)
-    monkeypatch.setattr(intake, "MAX_ELEMENTS", 999)
-    with pytest.raises(intake.MalformedDataset, match="more than 999 elements"):
-        intake.check_dataset(element * 1000, implicit=False, little=True)
-    intake.check_dataset(element + b"\x00\x00\x00", implicit=False, little=True)  # trailing zero padding
-    with pytest.raises(intake.MalformedDataset, match="truncated"):
-        intake.check_dataset(element + b"\x01\x00\x00", implicit=False, little=True)
+    dicom_bytes.check_dataset(element * 1000, implicit=False, little=True)
+    monkeypatch.setattr(dicom_bytes, "MAX_ELEMENTS", 999)
+    with pytest.raises(dicom_bytes.MalformedDataset, match="more than 999 elements"):
+        dicom_bytes.check_dataset(element * 1000, implicit=False, little=True)
+    dicom_bytes.check_dataset(element + b"\x00\x00\x00", implicit=False, little=True)  # trailing zero padding
+    with pytest.raises(dicom_bytes.MalformedDataset, match="truncated"):
+        dicom_bytes.check_dataset(element + b"\x01\x00\x00", implicit=False, little=True)
     # Explicit VR expected, implicit found in the first element: pydicom switches, and so does the walker.
     implicit = struct.pack("<HHI", 0x0008, 0x0060, 2) + b"MR"
-    intake.check_dataset(implicit, implicit=False, little=True)
-    with pytest.raises(intake.DatasetTooLarge):
-        intake.inflate(zlib_raw(bytes(10_000)), limit=9_999)
-    assert intake.inflate(zlib_raw(bytes(10_000)), limit=10_000) == bytes(10_000)
+    dicom_bytes.check_dataset(implicit, implicit=False, little=True)
+    with pytest.raises(dicom_bytes.DatasetTooLarge):
+        dicom_bytes.inflate(zlib_raw(bytes(10_000)), limit=9_999)
+    assert dicom_bytes.inflate(zlib_raw(bytes(10_000)), limit=10_000) == bytes(10_000)
 
 
 def test_series_pixel_data_stays_on_disk_and_oversized_series_fail(tmp_path, monkeypatch):

@@ -13,10 +13,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from conftest import make_settings, send_datasets
 from dicom_factory import classic_series, phantom
-from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom import AE
 
 from qc_daemon.service import Daemon
 from qc_daemon.store import AlertState, SeriesStatus, alerts_for, history, open_revision, revisions
