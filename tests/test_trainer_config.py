@@ -1,0 +1,69 @@
+"""trainer.config: TOML loading; unknown keys and bad values fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.torch
+pytest.importorskip("torch")
+pytest.importorskip("torchio")
+
+from trainer.config import ConfigError, TrainConfig, load_config, replace
+
+CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "configs"
+
+
+def test_shipped_configs_load():
+    for path in sorted(CONFIGS.glob("*.toml")):
+        config = load_config(path)
+        assert isinstance(config, TrainConfig)
+    default = load_config(CONFIGS / "default.toml")
+    assert default.model.depth == 18 and default.data.patch_size == 96
+    assert default.model_config().architecture == "hysnet-r18-3d-hyper"
+
+
+def test_defaults_and_round_trip():
+    config = TrainConfig()
+    assert config.train.lr == 1e-4 and config.train.epochs == 50 and config.train.patches_per_volume == 9
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    changed = replace(config, train={"epochs": 3})
+    assert changed.train.epochs == 3 and config.train.epochs == 50
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[train]\nlrr = 1e-4\n", "train.lrr"),
+        ("[train]\nlr = -1.0\n", "train.lr"),
+        ("[train]\nepochs = 2.5\n", "train.epochs"),
+        ('[model]\nwidth = "wide"\n', "model.width"),
+        ("[model]\ndepth = 19\n", "model.depth"),
+        ("[data]\nspacing_mm = [2.0, 2.0]\n", "data.spacing_mm"),
+        ('[data]\nkinds = ["noise", "zipper"]\n', "data.kinds"),
+        ('[data]\nsplit = "cross"\n', "data.train_roots"),
+        ('[data]\nsource = "table"\n', "data.table"),
+        ("[optimizer]\nlr = 1\n", "optimizer"),
+        ("[train]\nprogress = 1\n", "train.progress"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, text, key):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(key), str(info.value)
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[train\n")
+    with pytest.raises(ConfigError, match="broken.toml"):
+        load_config(path)
+
+
+def test_config_is_frozen():
+    config = TrainConfig()
+    with pytest.raises(AttributeError):
+        config.train.lr = 1.0  # type: ignore[misc]

@@ -1,0 +1,46 @@
+"""trainer.patches: random training patches reach every voxel; test patches are the daemon's grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qc_daemon.preprocess import extract_patches, patch_grid
+from trainer import patches as tp
+from trainer.patches import random_patch_origins, sample_patches, volume_score
+
+
+def test_random_patches_cover_edges():
+    shape, size = (40, 37, 33), 32
+    covered = np.zeros(shape, bool)
+    rng = np.random.default_rng(0)
+    origins = random_patch_origins(shape, size, 400, rng)
+    for x, y, z in origins:
+        assert 0 <= x <= shape[0] - size and 0 <= y <= shape[1] - size and 0 <= z <= shape[2] - size
+        covered[x : x + size, y : y + size, z : z + size] = True
+    assert covered.all()
+    for axis in range(3):  # both extreme origins are drawn
+        values = {o[axis] for o in origins}
+        assert 0 in values and shape[axis] - size in values
+
+
+def test_sample_patches_shape_padding_and_content():
+    rng = np.random.default_rng(1)
+    volume = rng.uniform(0.01, 1, size=(20, 40, 40)).astype(np.float32)
+    patches = sample_patches(volume, 32, 9, rng, fill=0.001)
+    assert patches.shape == (9, 1, 32, 32, 32) and patches.dtype == np.float32
+    assert np.isclose(patches[:, :, :6].max(), 0.001)  # the short axis was padded symmetrically
+
+
+def test_test_patches_match_the_daemon():
+    volume = np.random.default_rng(2).uniform(size=(64, 80, 50)).astype(np.float32)
+    ours = tp.test_patches(volume, 32, 16)
+    theirs = extract_patches(volume, patch_grid(volume.shape, 32, 16), 32)
+    np.testing.assert_array_equal(ours, theirs)
+    assert volume_score(np.array([0.2, 1.4])) == pytest.approx(0.8)
+    assert volume_score(np.array([1.5, 1.4])) == 1.0
+
+
+def test_too_small_volume_is_refused():
+    with pytest.raises(ValueError, match="pad first"):
+        random_patch_origins((10, 40, 40), 32, 1, np.random.default_rng(0))

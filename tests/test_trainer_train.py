@@ -1,0 +1,135 @@
+"""trainer.train on tiny synthetic volumes (width 2, 32^3 patches): runs, writes checkpoints, resumes, evaluates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchio")
+nib = pytest.importorskip("nibabel")
+
+from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+from trainer.config import TrainConfig, replace
+from trainer.train import lr_at, train
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "t1w"
+
+
+def write_phantoms(root, n_subjects, shape=(36, 36, 36), seed=0):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    r = np.sqrt((grid**2).sum(axis=0))
+    for i in range(n_subjects):
+        v = np.where(r < 0.8, 500 + 100 * rng.normal(size=shape).clip(-2, 2), 0).astype(np.float32)
+        v[r < 0.4] += 300
+        nib.save(nib.Nifti1Image(v, np.diag([2.0, 2.0, 2.0, 1.0])), str(root / f"sub-{i + 1:02d}_T1w.nii.gz"))
+
+
+def tiny_config(tmp_path, **train) -> TrainConfig:
+    write_phantoms(tmp_path / "dsA", 4, seed=1)
+    write_phantoms(tmp_path / "dsB", 4, seed=2)
+    data = {
+        "roots": [str(tmp_path / "dsA"), str(tmp_path / "dsB")],
+        "cache_dir": str(tmp_path / "cache"),
+        "patch_size": 32,
+        "patch_step": 16,
+        "kinds": ["noise", "blur"],
+        "max_severity": 1,
+        "mixtures_per_subject": 0,
+        "test_fraction": 0.25,
+        "val_fraction": 0.34,
+    }
+    settings = {
+        "epochs": 1,
+        "volumes_per_epoch": 2,
+        "patches_per_volume": 2,
+        "out_dir": str(tmp_path / "run"),
+        "progress": False,
+        "num_threads": 1,
+        "device": "cpu",
+        **train,
+    }
+    return TrainConfig.from_dict({"model": {"width": 2}, "data": data, "train": settings})
+
+
+def test_lr_schedule_is_a_pure_halving():
+    assert [lr_at(e, 1e-4, 10) for e in (0, 9, 10, 19, 20, 35)] == [1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5, 1.25e-5]
+
+
+def test_one_step_writes_a_checkpoint_that_resumes(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    best = train(config)
+    out = Path(config.train.out_dir)
+    assert best == out / "best.pt" and best.exists() and (out / "last.pt").exists()
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.extra["epoch"] == 0 and "optimizer" in ckpt.extra
+    assert ckpt.model_config.width == 2 and ckpt.model_meta["patch_size"] == 32
+    assert ckpt.train_config["train"]["epochs"] == 1 and ckpt.train_config["model"]["width"] == 2
+    assert ckpt.model_meta["calibration"]["label_at_1"] == 1.0
+    split = json.loads((out / "split.json").read_text())
+    assert not set(split["train"]) & set(split["test"]) and split["val"]
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(record["train_l1"]) and "val_l1" in record
+    before = {k: v.clone() for k, v in ckpt.state_dict.items()}
+
+    resumed = replace(config, train={"epochs": 2})
+    train(resumed)
+    assert "resuming" in capsys.readouterr().out
+    ckpt2 = load_checkpoint(out / "last.pt")
+    assert ckpt2.extra["epoch"] == 1 and len(ckpt2.extra["history"]) == 2
+    assert any(not torch.equal(before[k], ckpt2.state_dict[k]) for k in before if before[k].is_floating_point())
+    model = model_from_checkpoint(ckpt2)
+    with torch.no_grad():
+        score = model(torch.rand(2, 1, 32, 32, 32))
+    assert score.shape == (2,) and bool(((score > 0) & (score < 1)).all())
+
+
+def test_fine_tuning_starts_from_a_checkpoint(tmp_path, capsys):
+    best = train(tiny_config(tmp_path / "a"))
+    tuned = tiny_config(tmp_path / "b", init_from=str(best), out_dir=str(tmp_path / "b" / "tuned"))
+    train(tuned)
+    assert "initialised from" in capsys.readouterr().out
+    wrong = replace(tuned, model={"width": 4}, train={"out_dir": str(tmp_path / "c")})
+    with pytest.raises(ValueError, match="train.init_from"):
+        train(wrong)
+
+
+def test_batchnorm_recalibration_runs(tmp_path):
+    config = tiny_config(tmp_path, bn_recalib_batches=2, grad_clip_norm=1.0, freeze_bn=True)
+    ckpt = load_checkpoint(train(config))
+    means = [v for k, v in ckpt.state_dict.items() if k.endswith("running_mean")]
+    assert means and all(torch.isfinite(m).all() for m in means)
+    assert ckpt.train_config["train"]["bn_recalib_batches"] == 2
+
+
+def test_training_is_seeded(tmp_path):
+    a = load_checkpoint(train(tiny_config(tmp_path / "a")))
+    b = load_checkpoint(train(tiny_config(tmp_path / "b")))
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_evaluate_cli_writes_a_report(tmp_path):
+    from trainer.__main__ import main
+
+    config = tiny_config(tmp_path)
+    best = train(config)
+    report = tmp_path / "report.md"
+    assert main(["evaluate", str(best), "--out", str(report), "--n-boot", "20"]) == 0
+    text = report.read_text()
+    assert "SROCC" in text and "| all |" in text
+    assert json.loads(report.with_suffix(".json").read_text())["n_subjects"] == 2
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/t1w is absent")
+def test_shared_data_is_found():
+    from trainer.data import find_clean_subjects
+
+    subjects = find_clean_subjects([SHARED / "ds000011", SHARED / "ds002748"])
+    assert len(subjects) == 32 and {s.dataset for s in subjects} == {"ds000011", "ds002748"}

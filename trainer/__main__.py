@@ -1,0 +1,108 @@
+"""``python -m trainer {prepare,train,evaluate,ablation,baseline,pca,sanity}`` (run from the repository root)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train and evaluate HyS-net.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="build the preprocessed/degraded volume cache only")
+    p.add_argument("--config", required=True)
+
+    p = sub.add_parser("train", help="train a model (builds the cache first if needed)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--out-dir", help="override train.out_dir")
+
+    p = sub.add_parser("evaluate", help="test-set metrics with bootstrap CIs as Markdown (+ JSON)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-config", help="evaluate on this config's data split instead (e.g. a cross-dataset one)")
+    p.add_argument("--n-boot", type=int, default=1000)
+
+    p = sub.add_parser("ablation", help="Table 1: {2D,3D} x {plain,hyper} x {R18,R34,R50}")
+    p.add_argument("--config", default="trainer/configs/default.toml")
+    p.add_argument("--out", default="runs/ablation/table1", help="output prefix (.md and .csv)")
+    p.add_argument("--epochs", type=int, help="reduced budget: epochs per run")
+    p.add_argument("--volumes-per-epoch", type=int, help="reduced budget: training volumes per epoch")
+    p.add_argument("--width", type=int, help="reduced budget: backbone width")
+
+    p = sub.add_parser("baseline", help="Table 2: HyS-net vs MRIQC-style IQMs + random forest")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", default="runs/table2", help="output prefix (.md and .csv)")
+    p.add_argument("--max-train", type=int, default=400)
+
+    p = sub.add_parser("pca", help="Fig. 3: PCA of generated predictor weights (PNG)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", default="runs/fig3-pca.png")
+
+    p = sub.add_parser("sanity", help="exported model on held-out subjects x artifact x severity (MD + PNG)")
+    p.add_argument("model", help="the exported .onnx")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint it came from (for the held-out split)")
+    p.add_argument("--out", default="runs/sanity", help="output prefix (.md, .json, .png)")
+    p.add_argument("--per-dataset", type=int, default=2)
+
+    args = parser.parse_args(argv)
+    from trainer.config import ConfigError, load_config, replace
+
+    try:
+        if args.command == "prepare":
+            from trainer.data import build_cache
+
+            items = build_cache(load_config(args.config).data, progress=True)
+            print(f"{len(items)} volumes cached")
+        elif args.command == "train":
+            from trainer.train import train
+
+            config = load_config(args.config)
+            changes = {}
+            if args.epochs:
+                changes["epochs"] = args.epochs
+            if args.out_dir:
+                changes["out_dir"] = args.out_dir
+            if changes:
+                config = replace(config, train=changes)
+            print(train(config, config_path=args.config))
+        elif args.command == "evaluate":
+            from trainer.evaluate import evaluate_checkpoint
+
+            evaluate_checkpoint(args.checkpoint, args.out, data_config=args.data_config, n_boot=args.n_boot)
+            print(Path(args.out).read_text())
+        elif args.command == "ablation":
+            from trainer.evaluate import run_ablation
+
+            run_ablation(
+                load_config(args.config),
+                args.out,
+                epochs=args.epochs,
+                volumes_per_epoch=args.volumes_per_epoch,
+                width=args.width,
+            )
+            print(Path(args.out + ".md").read_text())
+        elif args.command == "baseline":
+            from trainer.evaluate import classical_baseline
+
+            classical_baseline(args.checkpoint, args.out, max_train=args.max_train)
+            print(Path(args.out + ".md").read_text())
+        elif args.command == "pca":
+            from trainer.evaluate import pca_figure
+
+            print(pca_figure(args.checkpoint, args.out))
+        elif args.command == "sanity":
+            from trainer.evaluate import sanity_check
+
+            sanity_check(args.model, args.checkpoint, args.out, per_dataset=args.per_dataset)
+            print(Path(args.out + ".md").read_text())
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

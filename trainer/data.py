@@ -1,0 +1,395 @@
+"""Training data: clean volumes + simulated artifacts, or an MRIQC-style table of rated scans; subject splits.
+
+Two sources, one output: a *cache* folder of preprocessed volumes (resampled to the model's spacing and
+normalised exactly as the daemon does, stored as float16 ``.npy``) plus ``manifest.jsonl``, one JSON line per
+volume::
+
+    {"file", "dataset", "subject", "kind", "severity", "label", "degradations": [...], "source"}
+
+* ``source = "clean"`` (:func:`build_clean_cache`): every NIfTI under each root is a clean subject. Each
+  subject gets its clean version, every kind at every severity 1..max_severity, and ``mixtures_per_subject``
+  random mixtures; artifacts are applied at the model's spacing (so the network sees them as simulated);
+  the label is :func:`trainer.labels.quality_label` against the clean version. Seeds derive from
+  (dataset, subject, version) so the cache is reproducible; every degradation's parameters are recorded.
+* ``source = "table"`` (:func:`build_table_cache`): an MRIQC-style TSV/CSV with a path column (or a BIDS
+  name column resolved under ``bids_root``) and IQM columns; the label is the ``target`` column
+  (``snr_total`` by default).
+
+Splits are by subject (``dataset/subject``), never by patch or version: :func:`split_items`. The label maps
+to the network's score (1 = best) with a :class:`~qc_daemon.model_contract.ScoreCalibration` fitted on the
+*training* labels only (:func:`fit_calibration`) and stored in the checkpoint's ``model_meta``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import re
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qc_daemon.model_contract import Normalisation, ScoreCalibration
+from qc_daemon.preprocess import normalise, resample_to_spacing
+from trainer import artifacts
+from trainer.config import DataSection
+from trainer.labels import LABEL_NAME, head_mask, quality_label
+
+MANIFEST = "manifest.jsonl"
+NORMALISATION = Normalisation()
+_SUBJECT_RE = re.compile(r"sub-([A-Za-z0-9]+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeItem:
+    """One cached, preprocessed volume and its label."""
+
+    file: str  # path of the .npy, relative to the cache folder
+    dataset: str
+    subject: str
+    kind: str  # "clean", an artifact kind, "mixture", or "rated" (table source)
+    severity: int
+    label: float
+    degradations: tuple[dict[str, Any], ...] = ()
+    source: str = "clean"
+
+    @property
+    def group(self) -> str:
+        """The split unit: one subject of one dataset."""
+        return f"{self.dataset}/{self.subject}"
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["degradations"] = list(self.degradations)
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, line: str) -> VolumeItem:
+        data = json.loads(line)
+        data["degradations"] = tuple(data.get("degradations", ()))
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceVolume:
+    path: Path
+    dataset: str
+    subject: str
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_ras(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A NIfTI volume reoriented to RAS (as the daemon does) as float32, with its voxel size in mm."""
+    import nibabel as nib
+
+    image = nib.as_closest_canonical(nib.load(str(path)))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    return data, zooms  # type: ignore[return-value]
+
+
+def subject_of(name: str) -> str:
+    """BIDS subject label from a file or BIDS name (``sub-01_T1w.nii.gz`` -> ``01``), else the stem."""
+    match = _SUBJECT_RE.search(name)
+    return match.group(1) if match else Path(name).name.split(".")[0]
+
+
+def find_clean_subjects(roots: Iterable[str | Path]) -> list[SourceVolume]:
+    """Every ``*.nii``/``*.nii.gz`` under each root (recursively), one per subject; dataset = root's name."""
+    out: list[SourceVolume] = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data root {root} does not exist")
+        files = sorted(p for p in root.rglob("*") if p.name.endswith((".nii", ".nii.gz")))
+        seen: set[str] = set()
+        for path in files:
+            subject = subject_of(path.name)
+            if subject in seen:
+                continue
+            seen.add(subject)
+            out.append(SourceVolume(path, root.name, subject))
+    return out
+
+
+def to_model_grid(volume: np.ndarray, spacing_mm: Sequence[float], target_mm: Sequence[float]) -> np.ndarray:
+    """Resample to the model's spacing, the daemon's first preprocessing step (not yet normalised)."""
+    return resample_to_spacing(volume, tuple(spacing_mm), tuple(target_mm))  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------- caches
+
+
+def _fingerprint(data: DataSection) -> str:
+    keys = {
+        "source": data.source,
+        "spacing_mm": list(data.spacing_mm),
+        "kinds": list(data.kinds),
+        "max_severity": data.max_severity,
+        "mixtures": data.mixtures_per_subject,
+        "severity_table": artifacts.SEVERITY_TABLE,
+        "label": LABEL_NAME,
+        "normalisation": NORMALISATION.to_json(),
+        "table": data.table,
+        "target": data.target,
+    }
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_manifest(cache_dir: str | Path) -> list[VolumeItem]:
+    path = Path(cache_dir) / MANIFEST
+    if not path.exists():
+        return []
+    return [VolumeItem.from_json(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _open_cache(cache_dir: Path, data: DataSection) -> list[VolumeItem]:
+    """Existing items if the cache was built with the same data settings; otherwise start it afresh."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stamp = cache_dir / "fingerprint.txt"
+    fingerprint = _fingerprint(data)
+    if stamp.exists() and stamp.read_text().strip() == fingerprint:
+        return read_manifest(cache_dir)
+    (cache_dir / MANIFEST).unlink(missing_ok=True)
+    stamp.write_text(fingerprint + "\n")
+    return []
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def degraded_versions(
+    data: DataSection, dataset: str, subject: str
+) -> list[tuple[str, int, list[tuple[str, int, int]]]]:
+    """The versions made for one subject: (kind, severity, [(kind, severity, seed), ...]) with fixed seeds."""
+    versions: list[tuple[str, int, list[tuple[str, int, int]]]] = [("clean", 0, [])]
+    for kind in data.kinds:
+        for severity in range(1, data.max_severity + 1):
+            versions.append((kind, severity, [(kind, severity, _seed(dataset, subject, kind, severity))]))
+    for m in range(data.mixtures_per_subject):
+        parts = artifacts.draw_mixture(
+            _seed(dataset, subject, "mixture", m), data.kinds, max_severity=data.max_severity
+        )
+        versions.append(("mixture", max(s for _, s, _ in parts), parts))
+    return versions
+
+
+def build_clean_cache(
+    data: DataSection,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    subjects: Sequence[SourceVolume] | None = None,
+) -> list[VolumeItem]:
+    """Make (or complete) the clean-source cache; subjects already cached are skipped. Returns every item."""
+    cache = Path(cache_dir or data.cache_dir)
+    items = _open_cache(cache, data)
+    done = {item.group for item in items}
+    todo = [
+        s
+        for s in (subjects if subjects is not None else find_clean_subjects(data.roots))
+        if f"{s.dataset}/{s.subject}" not in done
+    ]
+    bar = _progress(todo, progress, "caching subjects")
+    for source in bar:
+        raw, spacing = load_ras(source.path)
+        grid = to_model_grid(raw, spacing, data.spacing_mm)
+        clean = normalise(grid, NORMALISATION)
+        mask = head_mask(clean)
+        new: list[VolumeItem] = []
+        for index, (kind, severity, parts) in enumerate(degraded_versions(data, source.dataset, source.subject)):
+            if parts:
+                degraded, records = artifacts.degrade_mixture(grid, data.spacing_mm, parts)
+                volume = normalise(degraded, NORMALISATION)
+                label = quality_label(clean, volume, mask=mask, already_normalised=True)
+            else:
+                volume, records, label = clean, [], 1.0
+            name = f"{source.dataset}_sub-{source.subject}_{index:03d}.npy"
+            np.save(cache / name, volume.astype(np.float16))
+            new.append(
+                VolumeItem(
+                    name,
+                    source.dataset,
+                    source.subject,
+                    kind,
+                    severity,
+                    round(label, 6),
+                    tuple(r.to_dict() for r in records),
+                    "clean",
+                )
+            )
+        with open(cache / MANIFEST, "a") as fh:  # one subject at a time: an interrupted build resumes
+            fh.writelines(item.to_json() + "\n" for item in new)
+        items.extend(new)
+    return items
+
+
+def read_table(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a TSV (``.tsv``) or CSV file as dicts."""
+    path = Path(path)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh, delimiter=delimiter))
+
+
+def resolve_table_path(row: dict[str, str], data: DataSection, table_dir: Path) -> Path:
+    """The NIfTI a table row describes: its path column, else its BIDS name searched under ``bids_root``."""
+    value = (row.get(data.path_column) or "").strip()
+    if value:
+        path = Path(value)
+        if not path.is_absolute():
+            base = Path(data.bids_root) if data.bids_root else table_dir
+            path = base / path
+        return path
+    name = (row.get(data.name_column) or "").strip()
+    if not name:
+        raise ValueError(f"table row has neither {data.path_column!r} nor {data.name_column!r}: {row}")
+    root = Path(data.bids_root) if data.bids_root else table_dir
+    for suffix in (".nii.gz", ".nii"):
+        hits = sorted(root.rglob(f"{name}{suffix}"))
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(f"no {name}.nii[.gz] under {root}")
+
+
+def build_table_cache(
+    data: DataSection, cache_dir: str | Path | None = None, progress: bool = False
+) -> list[VolumeItem]:
+    """Make (or complete) the cache for an MRIQC-style table; the label is the ``data.target`` column."""
+    cache = Path(cache_dir or data.cache_dir)
+    items = _open_cache(cache, data)
+    done = {item.file for item in items}
+    table = Path(data.table)
+    rows = read_table(table)
+    if rows and data.target not in rows[0]:
+        raise KeyError(f"data.target: column {data.target!r} not in {table} (columns: {', '.join(rows[0])})")
+    if data.max_volumes:
+        rows = rows[: data.max_volumes]
+    dataset = table.stem
+    for index, row in enumerate(_progress(rows, progress, "caching table")):
+        name = f"{dataset}_{index:05d}.npy"
+        if name in done:
+            continue
+        try:
+            label = float(row[data.target])
+        except ValueError as exc:
+            raise ValueError(f"data.target: row {index} has non-numeric {data.target}={row[data.target]!r}") from exc
+        path = resolve_table_path(row, data, table.parent)
+        subject = (row.get(data.subject_column) or "").strip() or subject_of(
+            (row.get(data.name_column) or "").strip() or path.name
+        )
+        raw, spacing = load_ras(path)
+        volume = normalise(to_model_grid(raw, spacing, data.spacing_mm), NORMALISATION)
+        np.save(cache / name, volume.astype(np.float16))
+        item = VolumeItem(name, dataset, subject, "rated", 0, label, (), "table")
+        with open(cache / MANIFEST, "a") as fh:
+            fh.write(item.to_json() + "\n")
+        items.append(item)
+    return items
+
+
+def build_cache(data: DataSection, progress: bool = False) -> list[VolumeItem]:
+    """The cache for ``data.source``."""
+    if data.source == "table":
+        return build_table_cache(data, progress=progress)
+    roots = list(data.roots) if data.split == "holdout" else list(dict.fromkeys([*data.train_roots, *data.test_roots]))
+    return build_clean_cache(data, progress=progress, subjects=find_clean_subjects(roots))
+
+
+def load_volume(cache_dir: str | Path, item: VolumeItem) -> np.ndarray:
+    """The cached, normalised volume as float32."""
+    return np.load(Path(cache_dir) / item.file).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+
+def split_items(items: Sequence[VolumeItem], data: DataSection, seed: int = 0) -> dict[str, list[VolumeItem]]:
+    """{"train", "val", "test"} by subject; no subject appears in two parts.
+
+    ``holdout``: within each dataset, subjects are shuffled (seeded) and the first round(n*test_fraction)
+    go to test, the next round(n*val_fraction) to val (at least one each when the fraction is > 0 and the
+    dataset has >= 3 subjects). ``cross``: test = every subject of the ``test_roots`` datasets, train/val =
+    those of ``train_roots``, val drawn from them by ``val_fraction``.
+    """
+    by_dataset: dict[str, list[str]] = {}
+    for item in items:
+        by_dataset.setdefault(item.dataset, [])
+        if item.subject not in by_dataset[item.dataset]:
+            by_dataset[item.dataset].append(item.subject)
+    part_of: dict[str, str] = {}
+    if data.split == "cross":
+        train_sets = {Path(r).name for r in data.train_roots}
+        test_sets = {Path(r).name for r in data.test_roots}
+        overlap = train_sets & test_sets
+        if overlap:
+            raise ValueError(f"data.test_roots: {sorted(overlap)} also in train_roots")
+    for dataset, subjects in sorted(by_dataset.items()):
+        rng = np.random.default_rng(_seed("split", seed, dataset))
+        order = [subjects[i] for i in rng.permutation(len(subjects))]
+        if data.split == "cross":
+            if dataset in test_sets:
+                part_of.update({f"{dataset}/{s}": "test" for s in order})
+                continue
+            if dataset not in train_sets:
+                continue
+            n_test = 0
+        else:
+            n_test = _count(len(order), data.test_fraction)
+        n_val = _count(len(order) - n_test, data.val_fraction) if len(order) - n_test >= 2 else 0
+        for i, subject in enumerate(order):
+            part_of[f"{dataset}/{subject}"] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    out: dict[str, list[VolumeItem]] = {"train": [], "val": [], "test": []}
+    for item in items:
+        part = part_of.get(item.group)
+        if part:
+            out[part].append(item)
+    return out
+
+
+def _count(n: int, fraction: float) -> int:
+    if fraction <= 0 or n < 3:
+        return 0
+    return max(1, round(n * fraction))
+
+
+def fit_calibration(items: Sequence[VolumeItem], data: DataSection) -> ScoreCalibration:
+    """Label -> score mapping from the training labels.
+
+    Clean source (SSIM label): score 1 at SSIM 1 (an untouched scan), score 0 at the
+    ``calib_low_percentile``-th percentile of the training labels. Table source: score 1 at the
+    (100 - p)-th and 0 at the p-th percentile when higher is better, the reverse otherwise.
+    """
+    labels = np.asarray([item.label for item in items], dtype=np.float64)
+    if labels.size == 0:
+        raise ValueError("no training labels to calibrate on")
+    p = data.calib_low_percentile
+    if data.source == "clean":
+        low = float(np.percentile(labels, p))
+        low = min(low, 0.999)
+        return ScoreCalibration(LABEL_NAME, round(low, 4), 1.0)
+    lo, hi = (float(v) for v in np.percentile(labels, [p, 100 - p]))
+    if hi == lo:
+        hi = lo + 1e-6
+    if data.higher_is_better:
+        return ScoreCalibration(data.target, lo, hi)
+    return ScoreCalibration(data.target, hi, lo)
+
+
+def _progress(seq: Sequence[Any], enabled: bool, desc: str) -> Iterable[Any]:
+    if not enabled:
+        return seq
+    from tqdm import tqdm
+
+    return tqdm(seq, desc=desc, unit="vol")

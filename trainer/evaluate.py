@@ -1,0 +1,493 @@
+"""Evaluation and the paper's tables and figure.
+
+* :func:`evaluate_checkpoint` (``python -m trainer evaluate CKPT --out report.md``): test-set SROCC/PLCC/KRCC/RMSE
+  with subject-level bootstrap CIs, overall, per dataset and per artifact kind.
+* :func:`run_ablation` (``python -m trainer ablation``): Table 1 form, {2D, 3D} x {plain, hyper} x {R18, R34, R50},
+  as Markdown + CSV, with a reduced-budget option (fewer epochs / volumes per epoch).
+* :func:`classical_baseline` (``python -m trainer baseline CKPT``): Table 2 form, HyS-net vs a classical
+  no-reference baseline: MRIQC-style IQMs (:func:`classical_iqms`) + a scikit-learn random forest.
+* :func:`pca_figure` (``python -m trainer pca CKPT``): Fig. 3 form, PCA of the generated predictor weights of
+  volumes with different content (clean / each artifact kind, each dataset), as PNG.
+* :func:`sanity_check` (``python -m trainer sanity MODEL.onnx``): the exported model through the daemon's own
+  preprocessing on held-out subjects, each artifact applied at the scan's native resolution at every severity;
+  Markdown table + PNG marking what falls below the alert threshold.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.config import TrainConfig, replace
+from trainer.data import VolumeItem, build_cache, load_volume, split_items
+from trainer.metrics import Estimate, all_metrics, plcc, srocc
+
+
+def config_from_checkpoint(train_config: dict[str, Any]) -> TrainConfig:
+    data = {k: v for k, v in train_config.items() if k in ("model", "data", "train")}
+    return TrainConfig.from_dict(data)
+
+
+def test_items(config: TrainConfig) -> list[VolumeItem]:
+    items = build_cache(config.data)
+    return split_items(items, config.data, seed=config.train.seed)["test"]
+
+
+def _fmt(e: Estimate) -> str:
+    return f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]"
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    data_config: str | Path | None = None,
+    n_boot: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score the test split of the checkpoint's config (or of ``data_config``'s data section) and write a report."""
+    import torch
+
+    from trainer.checkpoint import calibration_from_meta, load_checkpoint, model_from_checkpoint
+    from trainer.config import load_config
+    from trainer.train import predict_items, select_device
+
+    ckpt = load_checkpoint(checkpoint)
+    config = config_from_checkpoint(ckpt.train_config)
+    if data_config:
+        other = load_config(data_config)
+        config = TrainConfig(model=config.model, data=other.data, train=config.train)
+    calibration = calibration_from_meta(ckpt.model_meta)
+    items = test_items(config)
+    if not items:
+        raise ValueError("the test split is empty")
+    device = select_device(config.train.device)
+    torch.set_num_threads(max(1, config.train.num_threads or torch.get_num_threads()))
+    model = model_from_checkpoint(ckpt).to(device)
+    pred = predict_items(model, items, config, device, progress=progress)
+    target = np.array([calibration.score_from_label(item.label) for item in items])
+    groups = [item.group for item in items]
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "n_volumes": len(items),
+        "n_subjects": len(set(groups)),
+        "rows": [],
+    }
+
+    def add(name: str, mask: np.ndarray) -> None:
+        if mask.sum() < 3:
+            return
+        metrics = all_metrics(pred[mask], target[mask], n_boot=n_boot, groups=np.asarray(groups)[mask])
+        result["rows"].append(
+            {"subset": name, "n": int(mask.sum()), **{k: dataclasses.asdict(v) for k, v in metrics.items()}}
+        )
+
+    add("all", np.ones(len(items), bool))
+    for dataset in sorted({i.dataset for i in items}):
+        add(f"dataset={dataset}", np.array([i.dataset == dataset for i in items]))
+    for kind in sorted({i.kind for i in items} - {"clean"}):
+        add(f"kind={kind} (+clean)", np.array([i.kind in (kind, "clean") for i in items]))
+    result["per_volume"] = [
+        {
+            "file": i.file,
+            "group": i.group,
+            "kind": i.kind,
+            "severity": i.severity,
+            "label": i.label,
+            "target": float(t),
+            "pred": float(p),
+        }
+        for i, t, p in zip(items, target, pred, strict=True)
+    ]
+    clean = pred[np.array([i.kind == "clean" for i in items])]
+    lines = [
+        f"# Evaluation of `{checkpoint}`",
+        "",
+        (
+            f"Test set: {len(items)} volumes of {len(set(groups))} held-out subjects "
+            f"({', '.join(sorted({i.dataset for i in items}))}). Scores are volume means of the daemon's patch grid; "
+            f"targets are the calibrated labels ({calibration.label_name}: score 0 at {calibration.label_at_0}, "
+            f"1 at {calibration.label_at_1}). 95% CIs: subject-level bootstrap, {n_boot} resamples."
+        ),
+        "",
+        "| subset | n | SROCC | PLCC | KRCC | RMSE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        cells = [_fmt(Estimate(**row[m])) for m in ("SROCC", "PLCC", "KRCC", "RMSE")]
+        lines.append(f"| {row['subset']} | {row['n']} | " + " | ".join(cells) + " |")
+    if clean.size:
+        lines += ["", f"Clean held-out scans: mean score {clean.mean():.3f} (min {clean.min():.3f})."]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(lines) + "\n")
+    Path(out).with_suffix(".json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+# --------------------------------------------------------------------------------------------- Table 1
+
+
+ABLATION_GRID = [(s, h, d) for s in ("2d", "3d") for h in ("plain", "hyper") for d in (18, 34, 50)]
+
+
+def run_ablation(
+    base: TrainConfig,
+    out_prefix: str | Path,
+    epochs: int | None = None,
+    volumes_per_epoch: int | None = None,
+    width: int | None = None,
+    grid: Sequence[tuple[str, str, int]] = ABLATION_GRID,
+) -> list[dict[str, Any]]:
+    """Train and test every (spatial, head, depth) of ``grid``; write ``{out_prefix}.md`` and ``.csv``.
+
+    ``epochs``/``volumes_per_epoch``/``width`` reduce the budget (the table then says so). Runs go to
+    ``{base.train.out_dir}/ablation/<architecture>`` and resume if interrupted.
+    """
+    from trainer.checkpoint import calibration_from_meta, load_checkpoint, model_from_checkpoint
+    from trainer.train import predict_items, select_device, train
+
+    rows = []
+    for spatial, head, depth in grid:
+        train_changes: dict[str, Any] = {
+            "out_dir": str(Path(base.train.out_dir) / "ablation" / f"r{depth}-{spatial}-{head}")
+        }
+        if epochs:
+            train_changes["epochs"] = epochs
+        if volumes_per_epoch:
+            train_changes["volumes_per_epoch"] = volumes_per_epoch
+        model_changes: dict[str, Any] = {"spatial": spatial, "head": head, "depth": depth}
+        if width:
+            model_changes["width"] = width
+        config = replace(base, model=model_changes, train=train_changes)
+        best = train(config)
+        ckpt = load_checkpoint(best)
+        calibration = calibration_from_meta(ckpt.model_meta)
+        items = test_items(config)
+        device = select_device(config.train.device)
+        pred = predict_items(model_from_checkpoint(ckpt).to(device), items, config, device)
+        target = np.array([calibration.score_from_label(i.label) for i in items])
+        rows.append(
+            {
+                "spatial": spatial.upper(),
+                "head": head,
+                "depth": f"R{depth}",
+                "width": config.model.width,
+                "epochs": config.train.epochs,
+                "SROCC": round(srocc(pred, target), 4),
+                "PLCC": round(plcc(pred, target), 4),
+                "n_test": len(items),
+            }
+        )
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_prefix.with_suffix(".csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    reduced = " (reduced budget)" if (epochs or volumes_per_epoch or width) else ""
+    lines = [
+        f"# Table 1{reduced}: spatial input x quality head x backbone depth",
+        "",
+        "| input | head | backbone | width | epochs | SROCC | PLCC | test volumes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['spatial']} | {r['head']} | {r['depth']} | {r['width']} | {r['epochs']} | {r['SROCC']:.3f} | "
+        f"{r['PLCC']:.3f} | {r['n_test']} |"
+        for r in rows
+    ]
+    out_prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- Table 2
+
+
+IQM_NAMES = ("snr_csf", "snr_gm", "snr_wm", "snr_total", "cjv", "cnr", "efc", "fber", "wm2max", "hfe")
+
+
+def classical_iqms(volume: np.ndarray, mask: np.ndarray | None = None, seed: int = 0) -> dict[str, float]:
+    """MRIQC-style no-reference IQMs of a normalised volume (simplified: tissue classes by 3-means in the head).
+
+    snr_{csf,gm,wm}/snr_total (mean/std within each class), cjv (coefficient of joint variation of GM and WM),
+    cnr, efc (entropy focus criterion), fber (log10 foreground/background energy ratio), wm2max, and
+    the high-frequency energy fraction hfe (share of spectral energy beyond half the Nyquist radius).
+    """
+    from trainer.labels import head_mask
+
+    v = np.asarray(volume, dtype=np.float64)
+    mask = head_mask(v) if mask is None else mask
+    fg = v[mask]
+    bg = v[~mask]
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(fg, size=min(fg.size, 20000), replace=False)
+    centres = np.percentile(sample, [15, 50, 85])
+    for _ in range(20):  # 1D 3-means
+        assign = np.argmin(np.abs(sample[:, None] - centres[None, :]), axis=1)
+        centres = np.array([sample[assign == k].mean() if np.any(assign == k) else centres[k] for k in range(3)])
+    centres.sort()
+    assign = np.argmin(np.abs(fg[:, None] - centres[None, :]), axis=1)
+    stats = {}
+    for k, name in enumerate(("csf", "gm", "wm")):
+        values = fg[assign == k]
+        stats[name] = (values.mean(), values.std() + 1e-6) if values.size > 1 else (centres[k], 1e-6)
+    (mc, sc), (mg, sg), (mw, sw) = stats["csf"], stats["gm"], stats["wm"]
+    out = {"snr_csf": mc / sc, "snr_gm": mg / sg, "snr_wm": mw / sw}
+    out["snr_total"] = float(np.mean(list(out.values())))
+    out["cjv"] = (sw + sg) / max(abs(mw - mg), 1e-6)
+    sb = bg.std() if bg.size > 1 else 0.0
+    out["cnr"] = abs(mw - mg) / np.sqrt(sb**2 + sw**2 + sg**2)
+    n = v.size
+    b_max = np.sqrt(np.sum(v**2))
+    efc_max = n * (1.0 / np.sqrt(n)) * np.log(1.0 / np.sqrt(n))
+    out["efc"] = float(np.sum((v / b_max) * np.log((v + 1e-16) / b_max)) / efc_max)
+    out["fber"] = float(np.log10(np.median(fg**2) / max(np.median(bg**2) if bg.size else 1e-12, 1e-12)))
+    out["wm2max"] = mw / np.percentile(fg, 99.95)
+    spectrum = np.abs(np.fft.fftshift(np.fft.fftn(v))) ** 2
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in v.shape], indexing="ij")
+    radius = np.sqrt(sum(g**2 for g in grids))
+    out["hfe"] = float(spectrum[radius > 0.5].sum() / spectrum.sum())
+    return {k: float(val) for k, val in out.items()}
+
+
+def classical_baseline(
+    checkpoint: str | Path, out_prefix: str | Path, max_train: int = 400, seed: int = 0, n_boot: int = 1000
+) -> dict[str, Any]:
+    """Table 2 form: HyS-net vs IQMs + RandomForestRegressor, both on the checkpoint's test split."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    from trainer.checkpoint import calibration_from_meta, load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    config = config_from_checkpoint(ckpt.train_config)
+    calibration = calibration_from_meta(ckpt.model_meta)
+    parts = split_items(build_cache(config.data), config.data, seed=config.train.seed)
+    rng = np.random.default_rng(seed)
+    train_items = [parts["train"][i] for i in rng.permutation(len(parts["train"]))[:max_train]]
+    test = parts["test"]
+
+    def features(items: Sequence[VolumeItem]) -> np.ndarray:
+        rows = [classical_iqms(load_volume(config.data.cache_dir, i)) for i in items]
+        return np.array([[r[k] for k in sorted(r)] for r in rows])
+
+    x_train, x_test = features(train_items), features(test)
+    y_train = np.array([calibration.score_from_label(i.label) for i in train_items])
+    y_test = np.array([calibration.score_from_label(i.label) for i in test])
+    forest = RandomForestRegressor(n_estimators=300, min_samples_leaf=2, random_state=seed, n_jobs=1)
+    forest.fit(x_train, y_train)
+    pred_rf = forest.predict(x_test)
+    evaluation = Path(out_prefix).with_name(Path(out_prefix).name + "-hysnet.md")
+    hys = evaluate_checkpoint(checkpoint, evaluation, n_boot=n_boot, progress=False)
+    pred_hys = np.array([row["pred"] for row in hys["per_volume"]])
+    groups = [i.group for i in test]
+    rows = []
+    for name, pred in (
+        ("IQMs + random forest (classical, no-reference)", pred_rf),
+        (f"HyS-net ({ckpt.model_config.architecture}, width {ckpt.model_config.width})", pred_hys),
+    ):
+        m = all_metrics(pred, y_test, n_boot=n_boot, groups=groups)
+        rows.append({"method": name, **{k: _fmt(v) for k, v in m.items()}})
+    lines = [
+        "# Table 2: HyS-net vs a classical no-reference baseline",
+        "",
+        (
+            f"Same held-out test split ({len(test)} volumes, {len(set(groups))} subjects). Baseline features: "
+            f"{', '.join(IQM_NAMES)}"
+            f" computed by `trainer.evaluate.classical_iqms`; RandomForestRegressor(300 trees) fitted on "
+            f"{len(train_items)} training volumes."
+        ),
+        "",
+        "| method | SROCC | PLCC | KRCC | RMSE |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['method']} | {r['SROCC']} | {r['PLCC']} | {r['KRCC']} | {r['RMSE']} |" for r in rows]
+    Path(out_prefix).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    with open(Path(out_prefix).with_suffix(".csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"rows": rows}
+
+
+# --------------------------------------------------------------------------------------------- Fig. 3
+
+
+def pca_figure(checkpoint: str | Path, out_png: str | Path, severity: int = 4, max_subjects: int = 6) -> Path:
+    """PCA of the generated predictor weights (all target layers, flattened) of the central test patch.
+
+    One point per (subject, content): the clean scan and each artifact kind at ``severity``; colour =
+    content, marker = dataset. Separated clusters mean the hyper-network writes content-specific predictors.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from sklearn.decomposition import PCA
+
+    from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+    from trainer.train import test_inputs
+
+    ckpt = load_checkpoint(checkpoint)
+    config = config_from_checkpoint(ckpt.train_config)
+    model = model_from_checkpoint(ckpt)
+    severity = min(severity, config.data.max_severity)
+    items = [i for i in test_items(config) if i.kind == "clean" or (i.kind != "mixture" and i.severity == severity)]
+    groups = sorted({i.group for i in items})[: max_subjects * 2]
+    items = [i for i in items if i.group in groups]
+    vectors, kinds, datasets = [], [], []
+    with torch.no_grad():
+        for item in items:
+            inputs = test_inputs(load_volume(config.data.cache_dir, item), config)
+            centre = torch.from_numpy(inputs[len(inputs) // 2 : len(inputs) // 2 + 1])
+            weights = model.generated_weights(centre)
+            vectors.append(np.concatenate([weights[k][0].reshape(-1).numpy() for k in sorted(weights)]))
+            kinds.append(item.kind)
+            datasets.append(item.dataset)
+    points = PCA(n_components=2).fit_transform(np.array(vectors))
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    markers = dict(zip(sorted(set(datasets)), "os^D"))
+    colours = {k: plt.cm.tab10(i) for i, k in enumerate(sorted(set(kinds)))}
+    for (x, y), kind, dataset in zip(points, kinds, datasets, strict=True):
+        ax.scatter(x, y, color=colours[kind], marker=markers[dataset], s=36, alpha=0.85)
+    for kind, colour in colours.items():
+        ax.scatter([], [], color=colour, label=kind if kind == "clean" else f"{kind} (sev {severity})")
+    for dataset, marker in markers.items():
+        ax.scatter([], [], color="grey", marker=marker, label=dataset)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title("Generated predictor weights (PCA), held-out subjects")
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)
+
+
+# --------------------------------------------------------------------------------------------- sanity
+
+
+def onnx_scorer(model_path: str | Path, threads: int = 2):
+    """A function volume(RAS, float) + spacing -> score, exactly as the daemon computes it, with its ModelInfo."""
+    import onnx
+    import onnxruntime as ort
+
+    from qc_daemon.model_contract import INPUT_NAME, ModelInfo
+    from qc_daemon.preprocess import extract_patches, patch_grid, prepare_volume
+
+    metadata = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    info = ModelInfo.from_metadata(metadata)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+    def score(volume: np.ndarray, spacing_mm: Sequence[float]) -> float:
+        prepared = prepare_volume(volume, tuple(spacing_mm), info.spacing_mm, info.normalisation, info.patch_size)
+        patches = extract_patches(
+            prepared, patch_grid(prepared.shape, info.patch_size, info.patch_step), info.patch_size
+        )
+        scores = [session.run(None, {INPUT_NAME: patches[i : i + 4]})[0] for i in range(0, len(patches), 4)]
+        return float(np.clip(np.concatenate(scores).mean(), 0.0, 1.0))
+
+    return score, info
+
+
+def sanity_check(
+    model_path: str | Path,
+    checkpoint: str | Path,
+    out_prefix: str | Path,
+    per_dataset: int = 2,
+    threshold: float = 0.5,
+    seed: int = 1234,
+) -> dict[str, Any]:
+    """Score held-out subjects (from ``checkpoint``'s split) with every artifact kind at every severity.
+
+    Artifacts are applied at the scan's *native* resolution, then the daemon's preprocessing runs, so this
+    checks the shipped model on the path the daemon takes. Writes ``{out_prefix}.md``/``.json``/``.png``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trainer import artifacts
+    from trainer.checkpoint import load_checkpoint
+    from trainer.data import find_clean_subjects, load_ras
+
+    ckpt = load_checkpoint(checkpoint)
+    config = config_from_checkpoint(ckpt.train_config)
+    score, _ = onnx_scorer(model_path)
+    test_groups = sorted({i.group for i in test_items(config)})
+    roots = list(config.data.roots) if config.data.split == "holdout" else list(config.data.test_roots)
+    sources = [s for s in find_clean_subjects(roots) if f"{s.dataset}/{s.subject}" in test_groups]
+    chosen = []
+    for dataset in sorted({s.dataset for s in sources}):
+        chosen += [s for s in sources if s.dataset == dataset][:per_dataset]
+    kinds = list(artifacts.KINDS)
+    table = np.zeros((len(chosen), len(kinds), artifacts.MAX_SEVERITY + 1))
+    for a, source in enumerate(chosen):
+        volume, spacing = load_ras(source.path)
+        clean_score = score(volume, spacing)
+        for b, kind in enumerate(kinds):
+            table[a, b, 0] = clean_score
+            for s in range(1, artifacts.MAX_SEVERITY + 1):
+                degraded, _ = artifacts.degrade(volume, spacing, kind, s, seed)
+                table[a, b, s] = score(degraded, spacing)
+    mean = table.mean(axis=0)
+    names = [f"{s.dataset}/sub-{s.subject}" for s in chosen]
+    lines = [
+        (
+            f"Mean score of {len(chosen)} held-out subjects ({', '.join(names)}); artifacts at native resolution, "
+            f"daemon preprocessing, `{Path(model_path).name}`. **Bold** = below the alert threshold {threshold}."
+        ),
+        "",
+        "| artifact | " + " | ".join(f"sev {s}" for s in range(artifacts.MAX_SEVERITY + 1)) + " |",
+        "|---|" + "---|" * (artifacts.MAX_SEVERITY + 1),
+    ]
+    for b, kind in enumerate(kinds):
+        cells = [f"**{v:.2f}**" if v < threshold else f"{v:.2f}" for v in mean[b]]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += ["", "Per dataset:", ""]
+    for dataset in sorted({s.dataset for s in chosen}):
+        idx = [i for i, s in enumerate(chosen) if s.dataset == dataset]
+        sub = table[idx].mean(axis=0)
+        lines.append(
+            f"- {dataset}: "
+            + "; ".join(f"{kind} " + "/".join(f"{v:.2f}" for v in sub[b]) for b, kind in enumerate(kinds))
+        )
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    out_prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out_prefix.with_suffix(".json").write_text(
+        json.dumps({"subjects": names, "kinds": kinds, "scores": table.tolist(), "threshold": threshold}, indent=1)
+    )
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    im = ax.imshow(mean, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for b in range(len(kinds)):
+        for s in range(artifacts.MAX_SEVERITY + 1):
+            v = mean[b, s]
+            ax.text(
+                s,
+                b,
+                f"{v:.2f}" + ("\nALERT" if v < threshold else ""),
+                ha="center",
+                va="center",
+                fontsize=7,
+                fontweight="bold" if v < threshold else "normal",
+            )
+    ax.set_xticks(range(artifacts.MAX_SEVERITY + 1))
+    ax.set_xlabel("severity (0 = clean)")
+    ax.set_yticks(range(len(kinds)))
+    ax.set_yticklabels(kinds)
+    ax.set_title(f"Default model score; ALERT = below {threshold}")
+    fig.colorbar(im, ax=ax, label="score")
+    fig.tight_layout()
+    fig.savefig(out_prefix.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+    return {"mean": mean.tolist(), "subjects": names}
