@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from pydicom import uid as dcm_uid
+from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -93,7 +94,7 @@ def _reject(assoc, reason: tuple[int, int, int]) -> None:
     assoc.kill()
 
 
-def handle_store(event: evt.Event, intake: Intake) -> int:
+def handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
     """Spool one instance. The dataset is decoded by the intake after its encoding was checked: never through
     ``event.dataset``, which would parse (and inflate, for the deflated syntax) whatever the peer claims."""
     request = event.request
@@ -112,13 +113,22 @@ def handle_store(event: evt.Event, intake: Intake) -> int:
         )
     except InstanceRejected as exc:
         log.warning("instance_rejected", calling_ae=calling_ae, status=f"0x{int(exc.status):04X}", reason=exc.reason)
-        return exc.status
+        return failure_status(exc.status, exc.reason)
     except Exception as exc:  # noqa: BLE001 - the boundary: any surprise becomes a status, never a crash
         log.exception("instance_rejected", calling_ae=calling_ae, reason=f"{type(exc).__name__}: {exc}"[:200])
-        return StoreStatus.CANNOT_UNDERSTAND
+        return failure_status(StoreStatus.CANNOT_UNDERSTAND, "internal error while storing the instance")
     if outcome is StoreOutcome.DUPLICATE:
         log.info("instance_duplicate", sop_instance_uid=sop_uid, calling_ae=calling_ae)
     return StoreStatus.SUCCESS
+
+
+def failure_status(status: StoreStatus, reason: str) -> Dataset:
+    """A C-STORE failure with its reason in Error Comment (0000,0902), so the sender's log says why."""
+    response = Dataset()
+    response.Status = int(status)
+    printable = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in reason)  # LO: no backslash
+    response.ErrorComment = printable[:64]
+    return response
 
 
 def _part10(meta, stream: bytes) -> bytes:

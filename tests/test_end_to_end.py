@@ -167,3 +167,19 @@ def test_cli_history_filters(daemon_factory, tmp_path, capsys):
     assert main(["--config", str(config), "history"]) == 0
     table = capsys.readouterr().out
     assert "scored" in table and "MR_TEST_1" in table
+
+
+def test_refused_instance_says_why_in_the_error_comment(daemon_factory):
+    from pynetdicom import AE
+
+    daemon = daemon_factory()
+    (ds,) = classic_series(phantom((16, 16, 1)))
+    ds.SeriesInstanceUID = "../../etc"
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="QC_DAEMON")
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC000
+    assert status.ErrorComment.startswith("SeriesInstanceUID is not a valid UID")
+    assert list(daemon.spool.series_uids()) == []
