@@ -133,3 +133,21 @@ def test_shared_data_is_found():
 
     subjects = find_clean_subjects([SHARED / "ds000011", SHARED / "ds002748"])
     assert len(subjects) == 32 and {s.dataset for s in subjects} == {"ds000011", "ds002748"}
+
+
+def test_sanity_plot_from_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    from trainer.evaluate import sanity_plot
+
+    scores = np.linspace(1.0, 0.3, 5)[None, None, :].repeat(2, axis=0).repeat(6, axis=1)
+    data = {
+        "subjects": ["a", "b"],
+        "kinds": ["noise", "motion", "ghosting", "spike", "blur", "bias"],
+        "scores": scores.tolist(),
+        "threshold": 0.5,
+        "at": "model",
+    }
+    path = tmp_path / "sanity.json"
+    path.write_text(json.dumps(data))
+    png = sanity_plot(path, tmp_path / "sanity.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="the checkpoint it came from (for the held-out split)")
     p.add_argument("--out", default="runs/sanity", help="output prefix (.md, .json, .png)")
     p.add_argument("--per-dataset", type=int, default=2)
+    p.add_argument("--at", choices=("native", "model"), default="native", help="where the artifacts are applied")
 
     args = parser.parse_args(argv)
     from trainer.config import ConfigError, load_config, replace
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sanity":
             from trainer.evaluate import sanity_check
 
-            sanity_check(args.model, args.checkpoint, args.out, per_dataset=args.per_dataset)
+            sanity_check(args.model, args.checkpoint, args.out, per_dataset=args.per_dataset, at=args.at)
             print(Path(args.out + ".md").read_text())
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

@@ -405,24 +405,24 @@ def sanity_check(
     per_dataset: int = 2,
     threshold: float = 0.5,
     seed: int = 1234,
+    at: str = "native",
 ) -> dict[str, Any]:
     """Score held-out subjects (from ``checkpoint``'s split) with every artifact kind at every severity.
 
-    Artifacts are applied at the scan's *native* resolution, then the daemon's preprocessing runs, so this
-    checks the shipped model on the path the daemon takes. Writes ``{out_prefix}.md``/``.json``/``.png``.
+    ``at="native"``: artifacts are applied at the scan's native resolution, then the daemon's preprocessing
+    runs, so this checks the shipped model on the path the daemon takes. ``at="model"``: the scan is first
+    resampled to the model's spacing and the artifacts applied there (the grid on which the training
+    severities are defined); the daemon's resampling is then a no-op. Writes ``{out_prefix}.md/.json/.png``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    if at not in ("native", "model"):
+        raise ValueError(f"at must be 'native' or 'model', got {at!r}")
     from trainer import artifacts
     from trainer.checkpoint import load_checkpoint
-    from trainer.data import find_clean_subjects, load_ras
+    from trainer.data import find_clean_subjects, load_ras, to_model_grid
 
     ckpt = load_checkpoint(checkpoint)
     config = config_from_checkpoint(ckpt.train_config)
-    score, _ = onnx_scorer(model_path)
+    score, info = onnx_scorer(model_path)
     test_groups = sorted({i.group for i in test_items(config)})
     roots = list(config.data.roots) if config.data.split == "holdout" else list(config.data.test_roots)
     sources = [s for s in find_clean_subjects(roots) if f"{s.dataset}/{s.subject}" in test_groups]
@@ -433,6 +433,8 @@ def sanity_check(
     table = np.zeros((len(chosen), len(kinds), artifacts.MAX_SEVERITY + 1))
     for a, source in enumerate(chosen):
         volume, spacing = load_ras(source.path)
+        if at == "model":
+            volume, spacing = to_model_grid(volume, spacing, info.spacing_mm), info.spacing_mm
         clean_score = score(volume, spacing)
         for b, kind in enumerate(kinds):
             table[a, b, 0] = clean_score
@@ -443,7 +445,7 @@ def sanity_check(
     names = [f"{s.dataset}/sub-{s.subject}" for s in chosen]
     lines = [
         (
-            f"Mean score of {len(chosen)} held-out subjects ({', '.join(names)}); artifacts at native resolution, "
+            f"Mean score of {len(chosen)} held-out subjects ({', '.join(names)}); artifacts at {'native resolution' if at == 'native' else 'the model spacing'}, "
             f"daemon preprocessing, `{Path(model_path).name}`. **Bold** = below the alert threshold {threshold}."
         ),
         "",
@@ -465,29 +467,45 @@ def sanity_check(
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     out_prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out_prefix.with_suffix(".json").write_text(
-        json.dumps({"subjects": names, "kinds": kinds, "scores": table.tolist(), "threshold": threshold}, indent=1)
+        json.dumps(
+            {"subjects": names, "kinds": kinds, "scores": table.tolist(), "threshold": threshold, "at": at}, indent=1
+        )
     )
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    sanity_plot(out_prefix.with_suffix(".json"), out_prefix.with_suffix(".png"))
+    return {"mean": mean.tolist(), "subjects": names}
+
+
+def sanity_plot(json_path: str | Path, png_path: str | Path) -> Path:
+    """Heat map of a :func:`sanity_check` JSON: mean score per kind x severity, and how many subjects alert."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(json_path).read_text())
+    table = np.asarray(data["scores"])
+    threshold, kinds = data["threshold"], data["kinds"]
+    mean = table.mean(axis=0)
+    n = table.shape[0]
+    fig, ax = plt.subplots(figsize=(7, 4))
     im = ax.imshow(mean, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     for b in range(len(kinds)):
-        for s in range(artifacts.MAX_SEVERITY + 1):
-            v = mean[b, s]
-            ax.text(
-                s,
-                b,
-                f"{v:.2f}" + ("\nALERT" if v < threshold else ""),
-                ha="center",
-                va="center",
-                fontsize=7,
-                fontweight="bold" if v < threshold else "normal",
-            )
-    ax.set_xticks(range(artifacts.MAX_SEVERITY + 1))
+        for s in range(mean.shape[1]):
+            alerts = int((table[:, b, s] < threshold).sum())
+            text = f"{mean[b, s]:.2f}" + (f"\n{alerts}/{n} alert" if alerts else "")
+            ax.text(s, b, text, ha="center", va="center", fontsize=7, fontweight="bold" if alerts else "normal")
+    ax.set_xticks(range(mean.shape[1]))
     ax.set_xlabel("severity (0 = clean)")
     ax.set_yticks(range(len(kinds)))
     ax.set_yticklabels(kinds)
-    ax.set_title(f"Default model score; ALERT = below {threshold}")
+    where = "native resolution" if data.get("at", "native") == "native" else "model spacing (2 mm)"
+    ax.set_title(
+        f"Mean score of {n} held-out subjects, artifacts at {where}\n"
+        f"'k/{n} alert' = subjects scored below the alert threshold {threshold}",
+        fontsize=9,
+    )
     fig.colorbar(im, ax=ax, label="score")
     fig.tight_layout()
-    fig.savefig(out_prefix.with_suffix(".png"), dpi=120)
+    fig.savefig(png_path, dpi=120)
     plt.close(fig)
-    return {"mean": mean.tolist(), "subjects": names}
+    return Path(png_path)
