@@ -82,16 +82,20 @@ class Daemon:
         """Track every spooled series whose instances are not all covered by a final result."""
         resumed = []
         now = time.time()
-        with self.store.session() as session:
-            for uid in self.spool.series_uids():
-                count = len(self.spool.instance_paths(uid))
-                latest = latest_revision(session, uid)
-                if count and (latest is None or latest.status not in FINAL_STATUSES or latest.instances != count):
-                    self.assembler.resume(uid, age_s=now - self.spool.last_modified(uid))
-                    resumed.append(uid)
+        for uid in self.spool.series_uids():
+            if self.awaits_result(uid):
+                self.assembler.resume(uid, age_s=now - self.spool.last_modified(uid))
+                resumed.append(uid)
         if resumed:
             log.info("spool_recovered", series=len(resumed))
         return resumed
+
+    def awaits_result(self, series_uid: str) -> bool:
+        """True while the spool holds instances of the series that no final result counts yet."""
+        count = len(self.spool.instance_paths(series_uid))
+        with self.store.session() as session:
+            latest = latest_revision(session, series_uid)
+        return bool(count) and (latest is None or latest.status not in FINAL_STATUSES or latest.instances != count)
 
     def start(self) -> None:
         self.recover()
@@ -117,7 +121,7 @@ class Daemon:
 
     def apply_retention(self) -> None:
         max_age_s = self.settings.storage.retention_days * 86400
-        removed = self.spool.remove_older_than(max_age_s)
+        removed = self.spool.remove_older_than(max_age_s, keep=self.awaits_result)
         archive = self.settings.storage.archive_path
         if archive.is_dir():
             cutoff = time.time() - max_age_s

@@ -78,8 +78,9 @@ class StorageSettings:
     keep_nifti: bool = False
     # Refuse instances (out of resources) when free space in the state folder falls below this.
     min_free_mb: int = 500
-    # Remove spooled instances and archived volumes older than this many days; results are kept. 0 = never.
-    retention_days: float = 0.0
+    # Remove spooled instances and archived volumes older than this many days; results are kept, and so are the
+    # instances of a series not yet recorded (e.g. after a long outage). 0 = never.
+    retention_days: float = 7.0
 
     @property
     def spool_path(self) -> Path:

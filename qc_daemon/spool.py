@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")  # always used with fullmatch
@@ -98,12 +98,15 @@ class Spool:
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
 
-    def remove_older_than(self, max_age_s: float, now: float | None = None) -> list[str]:
-        """Delete series folders whose newest instance is older than ``max_age_s``; returns their UIDs."""
+    def remove_older_than(
+        self, max_age_s: float, keep: Callable[[str], bool] = lambda uid: False, now: float | None = None
+    ) -> list[str]:
+        """Delete series folders whose newest instance is older than ``max_age_s`` and that ``keep`` does not
+        hold back (e.g. a series not yet recorded); returns their UIDs."""
         now = time.time() if now is None else now
         removed = []
         for uid in self.series_uids():
-            if now - self.last_modified(uid) > max_age_s:
+            if now - self.last_modified(uid) > max_age_s and not keep(uid):
                 shutil.rmtree(self.series_dir(uid), ignore_errors=True)
                 removed.append(uid)
         return removed

@@ -241,9 +241,18 @@ def test_retention_removes_old_instances_and_keeps_results(daemon_factory):
     (row,) = _rows(daemon, uid)
     assert Path(row.nifti_path).is_file()
     old = time.time() - 2 * 86400
-    for path in [*daemon.spool.instance_paths(uid), Path(row.nifti_path)]:
+    waiting = classic_series(phantom((40, 40, 16)))  # spooled during an outage, never recorded yet
+    waiting_uid = str(waiting[0].SeriesInstanceUID)
+    from pydicom.filebase import DicomBytesIO
+
+    for ds in waiting:
+        buffer = DicomBytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        daemon.spool.store(waiting_uid, str(ds.SOPInstanceUID), buffer.getvalue())
+    for path in [*daemon.spool.instance_paths(uid), *daemon.spool.instance_paths(waiting_uid), Path(row.nifti_path)]:
         os.utime(path, (old, old))
     daemon.apply_retention()
+    assert len(daemon.spool.instance_paths(waiting_uid)) == 16
     assert daemon.spool.instance_paths(uid) == []
     assert not Path(row.nifti_path).exists()
     assert _rows(daemon, uid)[0].score == row.score
