@@ -231,13 +231,15 @@ class _Walker:
             raise MalformedDataset("item without its delimiter (truncated)")
         return pos
 
+    def _item_header(self, pos: int, end: int, endian: str, what: str) -> tuple[int, int, int]:
+        """(tag, length, position after the header) of the 8-byte item or delimiter header at ``pos``."""
+        group, element, length = struct.unpack(endian + "HHI", self._header(pos, end, 8, what))
+        return group << 16 | element, length, pos + 8
+
     def sequence(self, pos: int, end: int, implicit: bool, endian: str, depth: int) -> int:
         """Items of an undefined-length sequence, up to and including its delimiter."""
         while True:
-            head = self._header(pos, end, 8, "sequence item (no sequence delimiter)")
-            group, element, length = struct.unpack(endian + "HHI", head)
-            tag = group << 16 | element
-            pos += 8
+            tag, length, pos = self._item_header(pos, end, endian, "sequence item (no sequence delimiter)")
             if tag == _SEQUENCE_END:
                 return pos
             if tag != _ITEM:
@@ -247,10 +249,7 @@ class _Walker:
     def items(self, pos: int, end: int, implicit: bool, endian: str, depth: int) -> None:
         """Items of a defined-length sequence, which must fill it exactly."""
         while pos < end:
-            head = self._header(pos, end, 8, "sequence item")
-            group, element, length = struct.unpack(endian + "HHI", head)
-            tag = group << 16 | element
-            pos += 8
+            tag, length, pos = self._item_header(pos, end, endian, "sequence item")
             if tag != _ITEM:
                 raise MalformedDataset(f"expected an item in a sequence, found {_tag(tag)} at offset {pos - 8}")
             pos = self.item(pos, end, length, implicit, endian, depth)
@@ -267,10 +266,7 @@ class _Walker:
     def fragments(self, pos: int, end: int, endian: str) -> int:
         """Encapsulated pixel data: defined-length items up to the sequence delimiter."""
         while True:
-            head = self._header(pos, end, 8, "pixel data fragment (no sequence delimiter)")
-            group, element, length = struct.unpack(endian + "HHI", head)
-            tag = group << 16 | element
-            pos += 8
+            tag, length, pos = self._item_header(pos, end, endian, "pixel data fragment (no sequence delimiter)")
             if tag == _SEQUENCE_END:
                 return pos
             if tag != _ITEM or length == _UNDEFINED:

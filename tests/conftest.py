@@ -83,6 +83,17 @@ def send_datasets(datasets, port: int, called_aet: str = "QC_DAEMON", calling_ae
     return statuses
 
 
+def spool_datasets(spool, datasets) -> str:
+    """Write datasets straight into a spool (as if received, without the network); returns the series UID."""
+    from pydicom.filebase import DicomBytesIO
+
+    for ds in datasets:
+        buffer = DicomBytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        spool.store(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), buffer.getvalue())
+    return str(datasets[0].SeriesInstanceUID)
+
+
 def shared_data(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
@@ -108,13 +119,7 @@ class Pipeline:
         )
 
     def spool_datasets(self, datasets) -> str:
-        from pydicom.filebase import DicomBytesIO
-
-        for ds in datasets:
-            buffer = DicomBytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            self.spool.store(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), buffer.getvalue())
-        return str(datasets[0].SeriesInstanceUID)
+        return spool_datasets(self.spool, datasets)
 
     def process(self, datasets):
         return self.processor.process(self.spool_datasets(datasets))

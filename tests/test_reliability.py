@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import make_settings, send_datasets
+from conftest import make_settings, send_datasets, spool_datasets
 from dicom_factory import classic_series, phantom
 from pynetdicom import AE
 
@@ -122,13 +122,7 @@ def test_crash_mid_scoring_is_redone_under_the_same_revision(tmp_path):
     settings = make_settings(tmp_path)
     daemon = Daemon(settings, tick_s=0.05)  # not started: only its spool and store are used here
     series = classic_series(phantom((40, 40, 20)))
-    uid = str(series[0].SeriesInstanceUID)
-    from pydicom.filebase import DicomBytesIO
-
-    for ds in series:
-        buffer = DicomBytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        daemon.spool.store(uid, str(ds.SOPInstanceUID), buffer.getvalue())
+    uid = spool_datasets(daemon.spool, series)
     (daemon.spool.incoming / "rx-crashed.part").write_bytes(b"half an instance")
     with daemon.store.session() as session:
         facts = series_facts(read_series(uid, daemon.spool.instance_paths(uid)), 20, dt.datetime(2026, 1, 1))
@@ -242,13 +236,7 @@ def test_retention_removes_old_instances_and_keeps_results(daemon_factory):
     assert Path(row.nifti_path).is_file()
     old = time.time() - 2 * 86400
     waiting = classic_series(phantom((40, 40, 16)))  # spooled during an outage, never recorded yet
-    waiting_uid = str(waiting[0].SeriesInstanceUID)
-    from pydicom.filebase import DicomBytesIO
-
-    for ds in waiting:
-        buffer = DicomBytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        daemon.spool.store(waiting_uid, str(ds.SOPInstanceUID), buffer.getvalue())
+    waiting_uid = spool_datasets(daemon.spool, waiting)
     for path in [*daemon.spool.instance_paths(uid), *daemon.spool.instance_paths(waiting_uid), Path(row.nifti_path)]:
         os.utime(path, (old, old))
     daemon.apply_retention()
