@@ -106,3 +106,29 @@ def test_classical_iqms_react_to_noise(volume):
     noisy = classical_iqms(normalise(artifacts.degrade(volume, SPACING, "noise", 4, seed=0)[0], Normalisation()))
     assert set(clean) == set(IQM_NAMES) and all(np.isfinite(v) for v in clean.values())
     assert noisy["snr_wm"] < clean["snr_wm"] and noisy["cjv"] > clean["cjv"]
+
+
+def test_motion_keeps_the_unmoved_pose_in_the_k_space_centre():
+    for seed in range(20):
+        widths = []
+        for severity in range(1, artifacts.MAX_SEVERITY + 1):
+            t1, t2 = artifacts.draw_params("motion", severity, seed)["times"]
+            assert t1 < 0.5 < t2, (severity, seed, t1, t2)
+            widths.append(t2 - t1)
+        # same seed, worse scan: a narrower still band around the k-space centre
+        assert all(b < a for a, b in itertools.pairwise(widths)), (seed, widths)
+
+
+def test_motion_label_is_set_by_severity_not_by_the_seed(volume):
+    """Every seed's motion at severity s+1 is worse than every seed's at s, so the label is learnable blind.
+
+    (The earlier design, movements anywhere around the k-space centre, failed this: a moved k-space centre
+    displaces the image, and how much it happened to move mattered more than the severity.)
+    """
+    ranges = []
+    for severity in range(1, artifacts.MAX_SEVERITY + 1):
+        labels = [
+            quality_label(volume, artifacts.degrade(volume, SPACING, "motion", severity, seed)[0]) for seed in range(4)
+        ]
+        ranges.append((min(labels), max(labels)))
+    assert all(worse[1] < better[0] for better, worse in itertools.pairwise(ranges)), ranges

@@ -18,7 +18,9 @@ Severity magnitudes (``SEVERITY_TABLE[kind][s]``, s = 0..4):
 
 =========  ====================================================================================
 noise      Rician noise std as a fraction of the head's 99th-percentile intensity: 0, .02, .04, .07, .11
-motion     largest rotation (deg) and translation (mm) of each of 2 movements: 0, 1.5, 3, 5, 8
+motion     largest rotation (deg) and translation (mm) of each of 2 movements: 0, 1.5, 3, 5, 8; and the
+           half-width of the central k-space band acquired in the unmoved pose (fraction of the lines along
+           TorchIO's segment axis, +-20 % jitter): -, .20, .14, .09, .05 (:data:`MOTION_CENTRE_BAND`)
 ghosting   ghost intensity (TorchIO ``Ghosting.intensity``; >1 inverts the modulated k-space planes, giving
            strong ghosts), 4..8 ghosts on one axis: 0, .6, 1.2, 1.8, 2.6
 spike      spike intensity (fraction of k-space maximum), 1 spike: 0, .15, .35, .7, 1.3
@@ -47,6 +49,12 @@ SEVERITY_TABLE: dict[str, tuple[float, ...]] = {
     "blur": (0.0, 1.0, 1.5, 2.0, 3.0),
     "bias": (0.0, 0.15, 0.3, 0.5, 0.8),
 }
+# Motion: the patient holds still while the central band of k-space is acquired and moves before and after
+# it; a worse scan has larger movements *and* a narrower still band. The band keeps the image in its original
+# pose: were the k-space centre taken from a moved copy, the image would be displaced and the full-reference
+# label would measure the displacement (a 2 mm shift of a perfect scan has SSIM 0.65), which no blind model
+# can see. With the band, the label falls with severity with little seed-to-seed spread (see MODEL_CARD.md).
+MOTION_CENTRE_BAND: tuple[float, ...] = (0.0, 0.20, 0.14, 0.09, 0.05)
 APPLY_ORDER: tuple[str, ...] = ("bias", "blur", "motion", "ghosting", "spike", "noise")
 
 
@@ -84,7 +92,10 @@ def draw_params(kind: str, severity: int, seed: int) -> dict[str, Any]:
         directions /= np.abs(directions).max(axis=1, keepdims=True)  # largest component is +-1
         shifts = rng.uniform(-1.0, 1.0, size=(n, 3))
         shifts /= np.abs(shifts).max(axis=1, keepdims=True)
-        times = np.sort(rng.uniform(0.35, 0.65, size=n))  # movements while the k-space centre is acquired
+        # The first movement ends, and the second starts, a jittered half-width from the k-space centre;
+        # tio.Motion fills that central band from the unmoved pose. See MOTION_CENTRE_BAND.
+        half_width = MOTION_CENTRE_BAND[severity] * rng.uniform(0.8, 1.2, size=n)
+        times = np.array([0.5 - half_width[0], 0.5 + half_width[1]])
         return {
             "degrees": (directions * mag).round(4).tolist(),
             "translation": (shifts * mag).round(4).tolist(),

@@ -139,6 +139,10 @@ def _fingerprint(data: DataSection) -> str:
         "max_severity": data.max_severity,
         "mixtures": data.mixtures_per_subject,
         "severity_table": artifacts.SEVERITY_TABLE,
+        # the random half's design (timings, positions, ...): a changed draw_params invalidates the cache
+        "artifact_params": {
+            k: [artifacts.draw_params(k, s, 0) for s in range(1, artifacts.MAX_SEVERITY + 1)] for k in artifacts.KINDS
+        },
         "label": LABEL_NAME,
         "normalisation": NORMALISATION.to_json(),
         "table": data.table,
