@@ -151,3 +151,31 @@ def test_sanity_plot_from_json(tmp_path):
     path.write_text(json.dumps(data))
     png = sanity_plot(path, tmp_path / "sanity.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablation_writes_table1_and_resumes(tmp_path):
+    from trainer.__main__ import main
+    from trainer.evaluate import run_ablation
+
+    config = tiny_config(tmp_path)
+    grid = [("2d", "plain", 18), ("3d", "hyper", 18)]
+    prefix = tmp_path / "table1" / "t1"
+    rows = run_ablation(config, prefix, epochs=1, grid=grid, n_boot=20)
+    assert [(r["input"], r["head"], r["backbone"]) for r in rows] == [("2D", "plain", "R18"), ("3D", "hyper", "R18")]
+    for row in rows:
+        assert row["epochs"] == 1 and row["steps"] == 2 and row["n_test"] > 0 and row["parameters"] > 0
+        assert row["SROCC_ci"][0] <= row["SROCC_ci"][1]
+    # each row is the base config with only the architecture changed
+    a, b = (load_checkpoint(tmp_path / "table1" / name / "best.pt") for name in ("r18-2d-plain", "r18-3d-hyper"))
+    assert a.train_config["data"] == b.train_config["data"] == config.to_dict()["data"]
+    assert a.model_config.architecture != b.model_config.architecture
+    md = prefix.with_suffix(".md").read_text()
+    assert "reduced budget" in md and "| 2D | plain | R18 |" in md and "| 3D | hyper | R18 |" in md
+    assert len(prefix.with_suffix(".csv").read_text().splitlines()) == 3
+
+    # a second call reads the finished rows back instead of training again
+    stamp = (tmp_path / "table1" / "r18-3d-hyper" / "best.pt").stat().st_mtime_ns
+    assert run_ablation(config, prefix, epochs=1, grid=grid, n_boot=20) == rows
+    assert (tmp_path / "table1" / "r18-3d-hyper" / "best.pt").stat().st_mtime_ns == stamp
+
+    assert main(["ablation", "--rows", "r99-3d-hyper", "--out", str(prefix)]) == 2

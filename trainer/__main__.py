@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help="reduced budget: epochs per run")
     p.add_argument("--volumes-per-epoch", type=int, help="reduced budget: training volumes per epoch")
     p.add_argument("--width", type=int, help="reduced budget: backbone width")
+    p.add_argument("--rows", help="only these rows, comma-separated (e.g. r18-3d-hyper,r18-3d-plain)")
+    p.add_argument("--n-boot", type=int, default=1000)
 
     p = sub.add_parser("baseline", help="Table 2: HyS-net vs MRIQC-style IQMs + random forest")
     p.add_argument("checkpoint")
@@ -75,14 +77,24 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_checkpoint(args.checkpoint, args.out, data_config=args.data_config, n_boot=args.n_boot)
             print(Path(args.out).read_text())
         elif args.command == "ablation":
-            from trainer.evaluate import run_ablation
+            from trainer.evaluate import ABLATION_GRID, ablation_row_name, run_ablation
 
+            grid = ABLATION_GRID
+            if args.rows:
+                wanted = [name.strip() for name in args.rows.split(",") if name.strip()]
+                known = {ablation_row_name(*row): row for row in ABLATION_GRID}
+                unknown = [name for name in wanted if name not in known]
+                if unknown:
+                    raise ConfigError(f"--rows: unknown row {unknown[0]!r} (known: {', '.join(known)})")
+                grid = [known[name] for name in wanted]
             run_ablation(
                 load_config(args.config),
                 args.out,
                 epochs=args.epochs,
                 volumes_per_epoch=args.volumes_per_epoch,
                 width=args.width,
+                grid=grid,
+                n_boot=args.n_boot,
             )
             print(Path(args.out + ".md").read_text())
         elif args.command == "baseline":

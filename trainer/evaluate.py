@@ -26,7 +26,7 @@ import numpy as np
 
 from trainer.config import TrainConfig, replace
 from trainer.data import VolumeItem, build_cache, load_volume, split_items
-from trainer.metrics import Estimate, all_metrics, plcc, srocc
+from trainer.metrics import Estimate, all_metrics
 
 
 def config_from_checkpoint(train_config: dict[str, Any]) -> TrainConfig:
@@ -135,6 +135,11 @@ def evaluate_checkpoint(
 ABLATION_GRID = [(s, h, d) for s in ("2d", "3d") for h in ("plain", "hyper") for d in (18, 34, 50)]
 
 
+def ablation_row_name(spatial: str, head: str, depth: int) -> str:
+    """The run folder and ``--rows`` name of one Table 1 row, e.g. ``r18-3d-hyper``."""
+    return f"r{depth}-{spatial}-{head}"
+
+
 def run_ablation(
     base: TrainConfig,
     out_prefix: str | Path,
@@ -142,20 +147,27 @@ def run_ablation(
     volumes_per_epoch: int | None = None,
     width: int | None = None,
     grid: Sequence[tuple[str, str, int]] = ABLATION_GRID,
+    n_boot: int = 1000,
 ) -> list[dict[str, Any]]:
     """Train and test every (spatial, head, depth) of ``grid``; write ``{out_prefix}.md`` and ``.csv``.
 
-    ``epochs``/``volumes_per_epoch``/``width`` reduce the budget (the table then says so). Runs go to
-    ``{base.train.out_dir}/ablation/<architecture>`` and resume if interrupted.
+    Every row trains from ``base`` (its data, split, recipe and seed) with only the architecture changed, so
+    the rows differ in nothing else; ``epochs``/``volumes_per_epoch``/``width`` reduce the budget (the table
+    says so). Row runs go to ``{out_prefix's folder}/<row name>``; an interrupted ablation resumes (a finished
+    row's training is not repeated and its test result is read back from ``ablation-test.json``). The table is
+    rewritten after every row, so a partial run already shows the rows it has.
     """
     from trainer.checkpoint import calibration_from_meta, load_checkpoint, model_from_checkpoint
+    from trainer.model import count_parameters
     from trainer.train import predict_items, select_device, train
 
-    rows = []
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    reduced = bool(epochs or volumes_per_epoch or width)
+    rows: list[dict[str, Any]] = []
     for spatial, head, depth in grid:
-        train_changes: dict[str, Any] = {
-            "out_dir": str(Path(base.train.out_dir) / "ablation" / f"r{depth}-{spatial}-{head}")
-        }
+        run_dir = out_prefix.parent / ablation_row_name(spatial, head, depth)
+        train_changes: dict[str, Any] = {"out_dir": str(run_dir)}
         if epochs:
             train_changes["epochs"] = epochs
         if volumes_per_epoch:
@@ -164,45 +176,74 @@ def run_ablation(
         if width:
             model_changes["width"] = width
         config = replace(base, model=model_changes, train=train_changes)
-        best = train(config)
+        result_path = run_dir / "ablation-test.json"
+        best = run_dir / "best.pt"
+        fresh = result_path.exists() and best.exists() and result_path.stat().st_mtime >= best.stat().st_mtime
+        if fresh and json.loads(result_path.read_text()).get("config") == config.to_dict():
+            rows.append(json.loads(result_path.read_text())["row"])
+            _write_table1(out_prefix, rows, reduced)
+            continue
+        train(config)
         ckpt = load_checkpoint(best)
+        history = load_checkpoint(run_dir / "last.pt").extra["history"]
         calibration = calibration_from_meta(ckpt.model_meta)
         items = test_items(config)
         device = select_device(config.train.device)
-        pred = predict_items(model_from_checkpoint(ckpt).to(device), items, config, device)
+        model = model_from_checkpoint(ckpt).to(device)
+        pred = predict_items(model, items, config, device)
         target = np.array([calibration.score_from_label(i.label) for i in items])
-        rows.append(
-            {
-                "spatial": spatial.upper(),
-                "head": head,
-                "depth": f"R{depth}",
-                "width": config.model.width,
-                "epochs": config.train.epochs,
-                "SROCC": round(srocc(pred, target), 4),
-                "PLCC": round(plcc(pred, target), 4),
-                "n_test": len(items),
-            }
-        )
-    out_prefix = Path(out_prefix)
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_prefix.with_suffix(".csv"), "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    reduced = " (reduced budget)" if (epochs or volumes_per_epoch or width) else ""
-    lines = [
-        f"# Table 1{reduced}: spatial input x quality head x backbone depth",
-        "",
-        "| input | head | backbone | width | epochs | SROCC | PLCC | test volumes |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['spatial']} | {r['head']} | {r['depth']} | {r['width']} | {r['epochs']} | {r['SROCC']:.3f} | "
-        f"{r['PLCC']:.3f} | {r['n_test']} |"
-        for r in rows
-    ]
-    out_prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        metrics = all_metrics(pred, target, n_boot=n_boot, groups=[i.group for i in items])
+        row = {
+            "input": spatial.upper(),
+            "head": head,
+            "backbone": f"R{depth}",
+            "width": config.model.width,
+            "parameters": count_parameters(model),
+            "epochs": config.train.epochs,
+            "steps": sum(h.get("steps", 0) for h in history),
+            "train_minutes": round(sum(h["train_seconds"] for h in history) / 60, 1),
+            "best_epoch": int(ckpt.extra["epoch"]) + 1,
+            **{name: round(e.value, 4) for name, e in metrics.items()},
+            **{f"{name}_ci": [round(e.low, 4), round(e.high, 4)] for name, e in metrics.items()},
+            "n_test": len(items),
+        }
+        result_path.write_text(json.dumps({"config": config.to_dict(), "row": row, "pred": pred.tolist()}, indent=1))
+        rows.append(row)
+        _write_table1(out_prefix, rows, reduced)
     return rows
+
+
+def _write_table1(out_prefix: Path, rows: Sequence[dict[str, Any]], reduced: bool) -> None:
+    with open(out_prefix.with_suffix(".csv"), "w", newline="") as fh:
+        flat = [{k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()} for r in rows]
+        writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
+        writer.writeheader()
+        writer.writerows(flat)
+    lines = [
+        f"# Table 1{' (reduced budget)' if reduced else ''}: spatial input x quality head x backbone depth",
+        "",
+        (
+            "Test split of the base config; 95 % CIs from a subject-level bootstrap. Training minutes are wall "
+            "time of the training steps (validation and BatchNorm re-estimation excluded)."
+        ),
+        "",
+        "| input | head | backbone | width | parameters | epochs x steps | train min | SROCC | PLCC | RMSE | test volumes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [
+            r["input"],
+            r["head"],
+            r["backbone"],
+            str(r["width"]),
+            f"{r['parameters']:,}",
+            f"{r['epochs']} x {r['steps'] // max(r['epochs'], 1)}",
+            f"{r['train_minutes']:.1f}",
+            *(f"{r[m]:.3f} [{r[m + '_ci'][0]:.3f}, {r[m + '_ci'][1]:.3f}]" for m in ("SROCC", "PLCC", "RMSE")),
+            str(r["n_test"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    out_prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- Table 2

@@ -261,6 +261,7 @@ def train(config: TrainConfig, config_path: str | None = None) -> Path:
         record: dict[str, Any] = {
             "epoch": epoch,
             "lr": lr,
+            "steps": len(steps),
             "train_l1": float(np.mean(losses)),
             "train_seconds": round(time.time() - started, 1),
         }
