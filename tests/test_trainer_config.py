@@ -24,6 +24,14 @@ def test_shipped_configs_load():
     assert default.model_config().architecture == "hysnet-r18-3d-hyper"
 
 
+def test_paper_config_is_the_paper_recipe_on_the_default_data():
+    paper, default = load_config(CONFIGS / "paper.toml"), load_config(CONFIGS / "default.toml")
+    t = paper.train
+    assert (t.epochs, t.lr, t.lr_halve_every, t.patches_per_volume, t.volumes_per_step) == (50, 1e-4, 10, 9, 1)
+    assert t.volumes_per_epoch == 0 and paper.model.width == 64 and paper.data.patch_step == 48
+    assert paper.data == default.data  # same cache, split and labels: the paper's budget is the only difference
+
+
 def test_defaults_and_round_trip():
     config = TrainConfig()
     assert config.train.lr == 1e-4 and config.train.epochs == 50 and config.train.patches_per_volume == 9
