@@ -138,3 +138,27 @@ def test_table_cache(tmp_path):
     with pytest.raises(KeyError, match="snr_wm"):
         build_cache(bad)
     json.loads(items[0].to_json())
+
+
+def test_contrast_variation_is_recorded_and_labelled_against_its_own_clean(tmp_path):
+    from trainer.data import draw_gamma, with_contrast
+
+    write_phantoms(tmp_path / "dsX", 2)
+    base = {"roots": (str(tmp_path / "dsX"),), "spacing_mm": (3.0, 3.0, 3.0), "kinds": ("noise",), "max_severity": 1}
+    data = DataSection(cache_dir=str(tmp_path / "cache"), contrast_gamma=(0.67, 1.5), mixtures_per_subject=0, **base)
+    items = build_cache(data)
+    gammas = [i.gamma for i in items]
+    assert all(0.67 <= g <= 1.5 for g in gammas) and len(set(gammas)) == len(gammas)
+    assert all(i.label == 1.0 for i in items if i.kind == "clean")  # the clean scan at its own contrast
+    assert all(i.label < 1.0 for i in items if i.kind == "noise")
+    plain = build_cache(DataSection(cache_dir=str(tmp_path / "plain"), mixtures_per_subject=0, **base))
+    assert {i.gamma for i in plain} == {1.0}
+    # a different contrast range is a different cache: the fingerprint wipes and rebuilds it
+    other = build_cache(DataSection(cache_dir=str(tmp_path / "cache"), contrast_gamma=(1.0, 1.0), **base))
+    assert {i.gamma for i in other} == {1.0}
+
+    v = np.array([0.0, 25.0, 50.0, 100.0], dtype=np.float32)
+    assert np.array_equal(with_contrast(v, 1.0), v)
+    brighter, darker = with_contrast(v, 0.5), with_contrast(v, 2.0)
+    assert brighter[0] == 0.0 and brighter[1] > v[1] > darker[1] and brighter[3] == pytest.approx(v[3], rel=0.02)
+    assert draw_gamma((1.0, 1.0), 3) == 1.0 and draw_gamma((0.5, 2.0), 3) == draw_gamma((0.5, 2.0), 3)

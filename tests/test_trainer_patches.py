@@ -44,3 +44,26 @@ def test_test_patches_match_the_daemon():
 def test_too_small_volume_is_refused():
     with pytest.raises(ValueError, match="pad first"):
         random_patch_origins((10, 40, 40), 32, 1, np.random.default_rng(0))
+
+
+def test_reorient_randomly_permutes_and_flips_each_patch():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 1, 5, 5, 5)).astype(np.float32)
+    out = tp.reorient_randomly(x, np.random.default_rng(1))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    seen = set()
+    for a, b in zip(x[:, 0], out[:, 0], strict=True):
+        np.testing.assert_array_equal(np.sort(a.ravel()), np.sort(b.ravel()))  # same voxels, moved
+        matches = [
+            (perm, flips)
+            for perm in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+            for flips in ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
+            if np.array_equal(np.flip(np.transpose(a, perm), flips) if flips else np.transpose(a, perm), b)
+        ]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len({perm for perm, _ in seen}) == 6 and len({flips for _, flips in seen}) >= 6
+    slices = tp.reorient_randomly(rng.normal(size=(3, 1, 8, 8)).astype(np.float32), rng)
+    assert slices.shape == (3, 1, 8, 8)
+    with pytest.raises(ValueError, match="cubic"):
+        tp.reorient_randomly(rng.normal(size=(2, 1, 4, 5, 6)), rng)

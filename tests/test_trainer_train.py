@@ -101,7 +101,7 @@ def test_fine_tuning_starts_from_a_checkpoint(tmp_path, capsys):
 
 
 def test_batchnorm_recalibration_runs(tmp_path):
-    config = tiny_config(tmp_path, bn_recalib_batches=2, grad_clip_norm=1.0, freeze_bn=True)
+    config = tiny_config(tmp_path, bn_recalib_batches=2, grad_clip_norm=1.0, freeze_bn=True, reorient=True)
     ckpt = load_checkpoint(train(config))
     means = [v for k, v in ckpt.state_dict.items() if k.endswith("running_mean")]
     assert means and all(torch.isfinite(m).all() for m in means)

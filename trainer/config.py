@@ -47,6 +47,9 @@ class DataSection:
     kinds: tuple[str, ...] = ("noise", "motion", "ghosting", "spike", "blur", "bias")
     max_severity: int = 4
     mixtures_per_subject: int = 4
+    # contrast variation of the clean source: every version (the clean one too) gets intensities**gamma with
+    # gamma drawn from this range, and its label is computed against the clean scan at the same gamma
+    contrast_gamma: tuple[float, float] = (1.0, 1.0)
     # splits (by subject): "holdout" = random test/val subjects from every root; "cross" = train on
     # train_roots, test on test_roots (val drawn from the training subjects)
     split: str = "holdout"
@@ -77,6 +80,7 @@ class TrainSection:
     bn_recalib_batches: int = 0  # >0: before each validation, re-estimate BatchNorm statistics on this many batches
     freeze_bn: bool = False  # train with BatchNorm in eval mode on those statistics (needs bn_recalib_batches > 0)
     patches_per_volume: int = 9
+    reorient: bool = False  # random axis permutation + flips of every training patch (label-preserving)
     volumes_per_step: int = 1
     volumes_per_epoch: int = 0  # 0 = every training volume once per epoch
     val_volumes: int = 0  # 0 = every validation volume
@@ -215,6 +219,8 @@ def _validate(config: TrainConfig) -> None:
     _check(not bad and len(d.kinds) > 0, "data.kinds", f"must be a non-empty list of {KINDS}", d.kinds)
     _check(1 <= d.max_severity <= MAX_SEVERITY, "data.max_severity", f"must be in 1..{MAX_SEVERITY}", d.max_severity)
     _check(d.mixtures_per_subject >= 0, "data.mixtures_per_subject", "must be >= 0", d.mixtures_per_subject)
+    low, high = d.contrast_gamma
+    _check(0 < low <= high, "data.contrast_gamma", "must be [low, high] with 0 < low <= high", d.contrast_gamma)
     _check(d.split in ("holdout", "cross"), "data.split", 'must be "holdout" or "cross"', d.split)
     _check(0.0 <= d.test_fraction < 1.0, "data.test_fraction", "must be in [0, 1)", d.test_fraction)
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)", d.val_fraction)

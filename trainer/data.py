@@ -9,8 +9,10 @@ volume::
 * ``source = "clean"`` (:func:`build_clean_cache`): every NIfTI under each root is a clean subject. Each
   subject gets its clean version, every kind at every severity 1..max_severity, and ``mixtures_per_subject``
   random mixtures; artifacts are applied at the model's spacing (so the network sees them as simulated);
-  the label is :func:`trainer.labels.quality_label` against the clean version. Seeds derive from
-  (dataset, subject, version) so the cache is reproducible; every degradation's parameters are recorded.
+  the label is :func:`trainer.labels.quality_label` against the clean version. With ``contrast_gamma`` each
+  version (the clean one too) first gets its own contrast exponent (:func:`with_contrast`) and is labelled
+  against the clean scan at that contrast. Seeds derive from (dataset, subject, version) so the cache is
+  reproducible; every degradation's parameters and the exponent are recorded.
 * ``source = "table"`` (:func:`build_table_cache`): an MRIQC-style TSV/CSV with a path column (or a BIDS
   name column resolved under ``bids_root``) and IQM columns; the label is the ``target`` column
   (``snr_total`` by default).
@@ -57,6 +59,7 @@ class VolumeItem:
     label: float
     degradations: tuple[dict[str, Any], ...] = ()
     source: str = "clean"
+    gamma: float = 1.0  # contrast variation applied to the clean source before any artifact (data.contrast_gamma)
 
     @property
     def group(self) -> str:
@@ -138,6 +141,7 @@ def _fingerprint(data: DataSection) -> str:
         "kinds": list(data.kinds),
         "max_severity": data.max_severity,
         "mixtures": data.mixtures_per_subject,
+        "contrast_gamma": list(data.contrast_gamma),
         "severity_table": artifacts.SEVERITY_TABLE,
         # the random half's design (timings, positions, ...): a changed draw_params invalidates the cache
         "artifact_params": {
@@ -190,6 +194,29 @@ def degraded_versions(
     return versions
 
 
+def draw_gamma(gamma_range: Sequence[float], seed: int) -> float:
+    """A contrast exponent from ``gamma_range``, log-uniform (so 0.7 and 1/0.7 are equally likely); 1 if fixed."""
+    low, high = (float(g) for g in gamma_range)
+    if low == high:
+        return round(low, 4)
+    return round(float(np.exp(np.random.default_rng(seed).uniform(np.log(low), np.log(high)))), 4)
+
+
+def with_contrast(volume: np.ndarray, gamma: float) -> np.ndarray:
+    """``volume`` with its intensities raised to ``gamma`` relative to the 99.5th percentile (0 stays 0).
+
+    A stand-in for the contrast differences between T1 sequences and vendors (MPRAGE, SPGR, TFE; fat and
+    scalp brightness): gamma < 1 brightens grey matter and background, gamma > 1 darkens them.
+    """
+    if gamma == 1.0:
+        return volume
+    v = np.clip(np.asarray(volume, dtype=np.float32), 0.0, None)
+    top = float(np.percentile(v, 99.5))
+    if top <= 0:
+        return v
+    return (top * (v / top) ** np.float32(gamma)).astype(np.float32)
+
+
 def build_clean_cache(
     data: DataSection,
     cache_dir: str | Path | None = None,
@@ -209,12 +236,14 @@ def build_clean_cache(
     for source in bar:
         raw, spacing = load_ras(source.path)
         grid = to_model_grid(raw, spacing, data.spacing_mm)
-        clean = normalise(grid, NORMALISATION)
-        mask = head_mask(clean)
+        mask = head_mask(normalise(grid, NORMALISATION))
         new: list[VolumeItem] = []
         for index, (kind, severity, parts) in enumerate(degraded_versions(data, source.dataset, source.subject)):
+            gamma = draw_gamma(data.contrast_gamma, _seed(source.dataset, source.subject, "gamma", index))
+            source_grid = with_contrast(grid, gamma)
+            clean = normalise(source_grid, NORMALISATION)
             if parts:
-                degraded, records = artifacts.degrade_mixture(grid, data.spacing_mm, parts)
+                degraded, records = artifacts.degrade_mixture(source_grid, data.spacing_mm, parts)
                 volume = normalise(degraded, NORMALISATION)
                 label = quality_label(clean, volume, mask=mask, already_normalised=True)
             else:
@@ -231,6 +260,7 @@ def build_clean_cache(
                     round(label, 6),
                     tuple(r.to_dict() for r in records),
                     "clean",
+                    gamma,
                 )
             )
         with open(cache / MANIFEST, "a") as fh:  # one subject at a time: an interrupted build resumes

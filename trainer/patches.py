@@ -40,6 +40,26 @@ def sample_patches(
     return extract_patches(np.asarray(volume, dtype=np.float32), random_patch_origins(volume.shape, size, n, rng), size)
 
 
+def reorient_randomly(inputs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each input (N, 1, *spatial), cubic or square, gets a random permutation of its spatial axes and random flips.
+
+    Label-preserving: the SSIM label is computed with an isotropic window on isotropic voxels, so it is the same
+    for any permutation and flip of the whole volume. It moves the artifacts' directions around (TorchIO's motion
+    always segments k-space along the last axis; a scanner's phase encoding can be any axis) and keeps the
+    network from learning what a clean head *looks like where* in the 21 training subjects: without it a clean
+    held-out scan presented with two axes swapped scored 0.54-0.84 instead of 0.97-0.99.
+    """
+    spatial = inputs.ndim - 2
+    if len(set(inputs.shape[2:])) != 1:
+        raise ValueError(f"reorienting needs cubic patches or square slices, got {inputs.shape[2:]}")
+    out = np.empty_like(inputs)
+    for i, x in enumerate(inputs[:, 0]):
+        x = np.transpose(x, rng.permutation(spatial))
+        flips = tuple(axis for axis in range(spatial) if rng.random() < 0.5)
+        out[i, 0] = np.flip(x, flips) if flips else x
+    return out
+
+
 def test_patches(volume: np.ndarray, size: int, step: int, fill: float | None = None) -> np.ndarray:
     """Every patch of the daemon's grid, (N, 1, size, size, size) float32."""
     volume = pad_to_min_size(volume, size, fill=float(volume.min()) if fill is None else fill)

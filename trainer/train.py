@@ -5,7 +5,8 @@
    the training labels.
 3. Model: ``build_model(config.model_config(), seed)``; Adam, lr halved every ``lr_halve_every`` epochs
    (:func:`lr_at`, a pure function); L1 loss between patch scores and the volume's score.
-4. Each step draws ``volumes_per_step`` training volumes and ``patches_per_volume`` (9) random patches from each.
+4. Each step draws ``volumes_per_step`` training volumes and ``patches_per_volume`` (9) random patches from each;
+   with ``reorient`` each patch gets a random axis permutation and flips (:func:`trainer.patches.reorient_randomly`).
 5. Optionally (``bn_recalib_batches``) BatchNorm statistics are re-estimated on training batches, and with
    ``freeze_bn`` the network trains on those population statistics (BN in eval mode), so a patch's score does
    not depend on the other volumes in its batch and training matches test time. Each epoch ends with a
@@ -32,7 +33,15 @@ from trainer.data import NORMALISATION, VolumeItem, build_cache, fit_calibration
 from trainer.labels import LABEL_NAME
 from trainer.metrics import plcc, srocc
 from trainer.model import HySNet, build_model
-from trainer.patches import sample_patches, sample_slices, slice_size, test_patches, test_slices, volume_score
+from trainer.patches import (
+    reorient_randomly,
+    sample_patches,
+    sample_slices,
+    slice_size,
+    test_patches,
+    test_slices,
+    volume_score,
+)
 
 LICENCES = {
     "ds000011": "OpenfMRI ds000011, PDDL 1.0",
@@ -61,8 +70,10 @@ def training_inputs(volume: np.ndarray, config: TrainConfig, n: int, rng: np.ran
     """The random network inputs of one volume: 3D patches, or 2D slices for the 2D ablation."""
     size = config.data.patch_size
     if config.model.spatial == "2d":
-        return sample_slices(volume, slice_size(size), n, rng)
-    return sample_patches(volume, size, n, rng, fill=NORMALISATION.floor)
+        inputs = sample_slices(volume, slice_size(size), n, rng)
+    else:
+        inputs = sample_patches(volume, size, n, rng, fill=NORMALISATION.floor)
+    return reorient_randomly(inputs, rng) if config.train.reorient else inputs
 
 
 def test_inputs(volume: np.ndarray, config: TrainConfig) -> np.ndarray:
