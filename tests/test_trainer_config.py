@@ -30,6 +30,7 @@ def test_paper_config_is_the_paper_recipe_on_the_default_data():
     assert (t.epochs, t.lr, t.lr_halve_every, t.patches_per_volume, t.volumes_per_step) == (50, 1e-4, 10, 9, 1)
     assert t.volumes_per_epoch == 0 and paper.model.width == 64 and paper.data.patch_step == 48
     assert paper.data == default.data  # same cache, split and labels: the paper's budget is the only difference
+    assert load_config(CONFIGS / "ablation-cpu.toml").data == default.data
 
 
 def test_defaults_and_round_trip():
