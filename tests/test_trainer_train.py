@@ -164,7 +164,7 @@ def test_ablation_writes_table1_and_resumes(tmp_path):
     assert [(r["input"], r["head"], r["backbone"]) for r in rows] == [("2D", "plain", "R18"), ("3D", "hyper", "R18")]
     for row in rows:
         assert row["epochs"] == 1 and row["steps"] == 2 and row["n_test"] > 0 and row["parameters"] > 0
-        assert row["SROCC_ci"][0] <= row["SROCC_ci"][1]
+        assert row["SROCC_ci"][0] <= row["SROCC_ci"][1] and "SROCC_last" in row and row["best_epoch"] == 1
     # each row is the base config with only the architecture changed
     a, b = (load_checkpoint(tmp_path / "table1" / name / "best.pt") for name in ("r18-2d-plain", "r18-3d-hyper"))
     assert a.train_config["data"] == b.train_config["data"] == config.to_dict()["data"]

@@ -153,14 +153,14 @@ def run_ablation(
 
     Every row trains from ``base`` (its data, split, recipe and seed) with only the architecture changed, so
     the rows differ in nothing else; ``epochs``/``volumes_per_epoch``/``width`` override the budget, and the
-    table says "reduced budget" whenever it is below the paper's (50 epochs of every volume, width 64). Row runs go to ``{out_prefix's folder}/<row name>``; an interrupted ablation resumes (a finished
-    row's training is not repeated and its test result is read back from ``ablation-test.json``). The table is
+    table says "reduced budget" whenever it is below the paper's (50 epochs of every volume, width 64).
+    Row runs go to ``{out_prefix's folder}/<row name>``; an interrupted ablation resumes (a finished row's
+    training is not repeated and its test results, of ``best.pt`` and ``last.pt``, are read back from
+    ``ablation-test.json``). The table is
     rewritten after every row, so a partial run already shows the rows it has.
     """
-    from trainer.checkpoint import calibration_from_meta, load_checkpoint, model_from_checkpoint
     from trainer.config import TrainSection
-    from trainer.model import count_parameters
-    from trainer.train import predict_items, select_device, train
+    from trainer.train import train
 
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -186,38 +186,58 @@ def run_ablation(
         result_path = run_dir / "ablation-test.json"
         best = run_dir / "best.pt"
         fresh = result_path.exists() and best.exists() and result_path.stat().st_mtime >= best.stat().st_mtime
-        if fresh and json.loads(result_path.read_text()).get("config") == config.to_dict():
-            rows.append(json.loads(result_path.read_text())["row"])
-            _write_table1(out_prefix, rows, reduced)
-            continue
-        train(config)
-        ckpt = load_checkpoint(best)
-        history = load_checkpoint(run_dir / "last.pt").extra["history"]
-        calibration = calibration_from_meta(ckpt.model_meta)
+        result = json.loads(result_path.read_text()) if fresh else {}
+        if result.get("config") != config.to_dict():
+            train(config)
+            result = {"config": config.to_dict()}
         items = test_items(config)
-        device = select_device(config.train.device)
-        model = model_from_checkpoint(ckpt).to(device)
-        pred = predict_items(model, items, config, device)
-        target = np.array([calibration.score_from_label(i.label) for i in items])
-        metrics = all_metrics(pred, target, n_boot=n_boot, groups=[i.group for i in items])
-        row = {
-            "input": spatial.upper(),
-            "head": head,
-            "backbone": f"R{depth}",
-            "width": config.model.width,
-            "parameters": count_parameters(model),
-            "epochs": config.train.epochs,
-            "steps": sum(h.get("steps", 0) for h in history),
-            "train_minutes": round(sum(h["train_seconds"] for h in history) / 60, 1),
-            "best_epoch": int(ckpt.extra["epoch"]) + 1,
-            **{name: round(e.value, 4) for name, e in metrics.items()},
-            **{f"{name}_ci": [round(e.low, 4), round(e.high, 4)] for name, e in metrics.items()},
-            "n_test": len(items),
-        }
-        result_path.write_text(json.dumps({"config": config.to_dict(), "row": row, "pred": pred.tolist()}, indent=1))
+        row = result.get("row") or _ablation_row(best, config, items, n_boot)
+        if "SROCC_last" not in row:  # the last epoch too: at a short budget, the best-val-L1 epoch can be early
+            last_metrics = _test_metrics(run_dir / "last.pt", config, items, n_boot)[0]
+            row.update({f"{name}_last": round(e.value, 4) for name, e in last_metrics.items()})
+            row.update({f"{name}_last_ci": [round(e.low, 4), round(e.high, 4)] for name, e in last_metrics.items()})
+        result["row"] = row
+        result_path.write_text(json.dumps(result, indent=1))
         rows.append(row)
         _write_table1(out_prefix, rows, reduced)
     return rows
+
+
+def _test_metrics(
+    checkpoint: Path, config: TrainConfig, items: Sequence[VolumeItem], n_boot: int
+) -> tuple[dict[str, Estimate], Any]:
+    """Test-split metrics of one checkpoint (the daemon's patch grid), and the checkpoint."""
+    from trainer.checkpoint import calibration_from_meta, load_checkpoint, model_from_checkpoint
+    from trainer.train import predict_items, select_device
+
+    ckpt = load_checkpoint(checkpoint)
+    device = select_device(config.train.device)
+    pred = predict_items(model_from_checkpoint(ckpt).to(device), items, config, device)
+    calibration = calibration_from_meta(ckpt.model_meta)
+    target = np.array([calibration.score_from_label(i.label) for i in items])
+    return all_metrics(pred, target, n_boot=n_boot, groups=[i.group for i in items]), ckpt
+
+
+def _ablation_row(best: Path, config: TrainConfig, items: Sequence[VolumeItem], n_boot: int) -> dict[str, Any]:
+    from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+    from trainer.model import count_parameters
+
+    metrics, ckpt = _test_metrics(best, config, items, n_boot)
+    history = load_checkpoint(best.with_name("last.pt")).extra["history"]
+    return {
+        "input": config.model.spatial.upper(),
+        "head": config.model.head,
+        "backbone": f"R{config.model.depth}",
+        "width": config.model.width,
+        "parameters": count_parameters(model_from_checkpoint(ckpt)),
+        "epochs": config.train.epochs,
+        "steps": sum(h.get("steps", 0) for h in history),
+        "train_minutes": round(sum(h["train_seconds"] for h in history) / 60, 1),
+        "best_epoch": int(ckpt.extra["epoch"]) + 1,
+        **{name: round(e.value, 4) for name, e in metrics.items()},
+        **{f"{name}_ci": [round(e.low, 4), round(e.high, 4)] for name, e in metrics.items()},
+        "n_test": len(items),
+    }
 
 
 def _write_table1(out_prefix: Path, rows: Sequence[dict[str, Any]], reduced: bool) -> None:
@@ -230,12 +250,16 @@ def _write_table1(out_prefix: Path, rows: Sequence[dict[str, Any]], reduced: boo
         f"# Table 1{' (reduced budget)' if reduced else ''}: spatial input x quality head x backbone depth",
         "",
         (
-            "Test split of the base config; 95 % CIs from a subject-level bootstrap. Training minutes are wall "
-            "time of the training steps (validation and BatchNorm re-estimation excluded)."
+            "Test split of the base config; 95 % CIs from a subject-level bootstrap. 'selected' = the epoch with "
+            "the lowest validation L1 (best.pt, what `train` ships), 'last' = the final epoch. Training minutes are "
+            "wall time of the training steps (validation and BatchNorm re-estimation excluded)."
         ),
         "",
-        "| input | head | backbone | width | parameters | epochs x steps | train min | SROCC | PLCC | RMSE | test volumes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        (
+            "| input | head | backbone | width | parameters | epochs x steps | train min | selected epoch | SROCC "
+            "(selected) | PLCC (selected) | RMSE (selected) | SROCC (last) | PLCC (last) | test volumes |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
@@ -246,7 +270,11 @@ def _write_table1(out_prefix: Path, rows: Sequence[dict[str, Any]], reduced: boo
             f"{r['parameters']:,}",
             f"{r['epochs']} x {r['steps'] // max(r['epochs'], 1)}",
             f"{r['train_minutes']:.1f}",
-            *(f"{r[m]:.3f} [{r[m + '_ci'][0]:.3f}, {r[m + '_ci'][1]:.3f}]" for m in ("SROCC", "PLCC", "RMSE")),
+            str(r["best_epoch"]),
+            *(
+                f"{r[m]:.3f} [{r[m + '_ci'][0]:.3f}, {r[m + '_ci'][1]:.3f}]"
+                for m in ("SROCC", "PLCC", "RMSE", "SROCC_last", "PLCC_last")
+            ),
             str(r["n_test"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
