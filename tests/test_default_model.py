@@ -75,12 +75,13 @@ def test_motion_lowers_the_score_as_it_worsens(scorer, name):
     scores = [_score(scorer, volume, volume.data)]
     scores += [
         _score(scorer, volume, _motion(volume.data, shift, band, volume.spacing_mm))
-        for shift, band in ((2.0, 0.2), (4.0, 0.12), (8.0, 0.06))
+        for shift, band in ((2.0, 0.2), (4.0, 0.12), (8.0, 0.06), (12.0, 0.04))
     ]
     assert all(a > b for a, b in itertools.pairwise(scores)), scores
-    # the label (SSIM) of the worst level is 0.58 (ds000011) / 0.81 (ds002748), scores ~0.25 / ~0.66; the
-    # model, trained on TorchIO's motion, scores it 0.70 / 0.87 (MODEL_CARD.md: motion from another simulator)
-    assert scores[-1] < scores[0] - 0.1, scores
+    # The label (SSIM) of the worst level is 0.43 (ds000011 sub-03) / 0.70 (ds002748 sub-09), a calibrated score
+    # of ~0.0 / ~0.47; the model, trained on TorchIO's motion, scores it ~0.69 / ~0.79: motion from another
+    # simulator is under-reported (MODEL_CARD.md, sanity check), but it must still be seen.
+    assert scores[-1] < scores[0] - 0.15, scores
 
 
 @pytest.mark.parametrize("name", ["philips_elitionx_t1_mprage_3d", "siemens_prisma_t1_2d_sag"])
