@@ -22,6 +22,8 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 CONTRACT_VERSION = "1"
 INPUT_NAME = "patches"
 OUTPUT_NAME = "score"
@@ -94,31 +96,56 @@ class ScoreCalibration:
 
     score = clip((label - label_at_0) / (label_at_1 - label_at_0), 0, 1). The network is trained on the score,
     so its output needs no further mapping; ``label_at_0 > label_at_1`` expresses a label where lower is better.
+
+    ``anchors`` (optional) maps an artifact kind to a piecewise-linear label -> score curve, as sorted
+    ``(label, score)`` knots: the trainer anchors each kind's curve to physical severities (the label of a scan a
+    technologist would repeat maps to the same score for every kind). ``kind=None`` or a kind without anchors uses
+    the linear mapping.
     """
 
     label_name: str = "identity"
     label_at_0: float = 0.0
     label_at_1: float = 1.0
+    anchors: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
 
-    def score_from_label(self, label: float) -> float:
+    def score_from_label(self, label: float, kind: str | None = None) -> float:
+        knots = dict(self.anchors).get(kind) if kind else None
+        if knots:
+            labels, scores = zip(*knots, strict=True)
+            return float(np.clip(np.interp(label, labels, scores), 0.0, 1.0))
         raw = (label - self.label_at_0) / (self.label_at_1 - self.label_at_0)
         return min(1.0, max(0.0, raw))
 
-    def label_from_score(self, score: float) -> float:
+    def label_from_score(self, score: float, kind: str | None = None) -> float:
+        knots = dict(self.anchors).get(kind) if kind else None
+        if knots:
+            labels, scores = zip(*knots, strict=True)
+            return float(np.interp(score, scores, labels))
         return self.label_at_0 + score * (self.label_at_1 - self.label_at_0)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        data: dict[str, Any] = {"label_name": self.label_name, "label_at_0": self.label_at_0, "label_at_1": self.label_at_1}
+        if self.anchors:
+            data["anchors"] = {kind: [list(k) for k in knots] for kind, knots in self.anchors}
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> ScoreCalibration:
         data = _load_json(KEY_SCORE_CALIBRATION, text)
         try:
-            calibration = cls(str(data["label_name"]), float(data["label_at_0"]), float(data["label_at_1"]))
+            anchors = tuple(
+                (str(kind), tuple((float(a), float(b)) for a, b in knots))
+                for kind, knots in dict(data.get("anchors") or {}).items()
+            )
+            calibration = cls(str(data["label_name"]), float(data["label_at_0"]), float(data["label_at_1"]), anchors)
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"{KEY_SCORE_CALIBRATION}: bad value {text!r}") from exc
         if calibration.label_at_0 == calibration.label_at_1:
             raise ContractError(f"{KEY_SCORE_CALIBRATION}: label_at_0 equals label_at_1 in {text!r}")
+        for kind, knots in calibration.anchors:
+            labels = [k[0] for k in knots]
+            if len(knots) < 2 or any(b <= a for a, b in zip(labels, labels[1:])):
+                raise ContractError(f"{KEY_SCORE_CALIBRATION}: anchors of {kind!r} must be >= 2 increasing labels")
         return calibration
 
 

@@ -1,97 +1,64 @@
-"""The bundled default model on real T1 scans of held-out subjects: the score must mean something.
+"""The bundled default model on scans from sites and scanners it never saw: it must alert for a scan a
+technologist would repeat, and stay silent for a good one.
 
-Subjects ds000011/03 and ds002748/09 were held out of the default model's training (MODEL_CARD.md). The
-degradations here are written with numpy/scipy, independently of the trainer's TorchIO transforms.
+The scans: the shared human DICOM series (Philips Ingenia Elition X 3D T1 MPRAGE, Siemens Prisma 2D T1 FLASH with
+4.8 mm slices), built into volumes by the daemon's own code; neither site is in the training data (MODEL_CARD.md).
+The degradations (``degradations.py``) are written with numpy only, independently of ``trainer/artifacts.py``, and
+applied on each scan's own grid, as a scanner would make them.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 from conftest import shared_data
-from scipy import ndimage
+from degradations import MODERATE, NON_DIAGNOSTIC, degrade
 
 from qc_daemon.scorer import Scorer
-from qc_daemon.settings import ScoringSettings
-from qc_daemon.volume import Volume, load_nifti
+from qc_daemon.settings import AlertSettings, ScoringSettings
+from qc_daemon.volume import Volume
 
 pytestmark = pytest.mark.shared_data
-HELD_OUT = ["ds000011/sub-03_T1w.nii.gz", "ds002748/sub-09_T1w.nii.gz"]
+UNSEEN = ["philips_elitionx_t1_mprage_3d", "siemens_prisma_t1_2d_sag"]
+THRESHOLD = AlertSettings().threshold
 
 
 @pytest.fixture(scope="module")
 def scorer():
     scorer = Scorer(ScoringSettings())
-    if scorer.info.calibration.label_name == "untrained":
-        pytest.skip("the bundled model is the untrained placeholder")
+    # a placeholder (untrained) bundled model must fail these tests, not skip them
+    assert scorer.info.calibration.label_name != "untrained", "the bundled model is the untrained placeholder"
     return scorer
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    from qc_daemon.cli import _pick_series
+    from qc_daemon.series import classify, read_series
+    from qc_daemon.volume import build_volume
+
+    out = {}
+    for name in UNSEEN:
+        folder = shared_data("dicom", name)
+        out[name] = build_volume(classify(read_series(name, _pick_series(folder, None)), min_slices=5))
+    return out
 
 
 def _score(scorer, volume: Volume, data: np.ndarray) -> float:
     return scorer.score_volume(Volume(data.astype(np.float32), volume.spacing_mm, volume.affine)).score
 
 
-def _rician(data: np.ndarray, sigma: float, rng) -> np.ndarray:
-    return np.sqrt((data + rng.normal(0, sigma, data.shape)) ** 2 + rng.normal(0, sigma, data.shape) ** 2)
+@pytest.mark.parametrize("name", UNSEEN)
+def test_clean_scans_from_unseen_sites_do_not_alert(scorer, volumes, name):
+    assert _score(scorer, volumes[name], volumes[name].data) > 0.7
 
 
-@pytest.mark.parametrize("name", HELD_OUT)
-def test_clean_scans_score_high_and_noise_lowers_the_score(scorer, name):
-    volume = load_nifti(shared_data("t1w", name))
-    rng = np.random.default_rng(0)
-    reference = np.percentile(volume.data, 99)
-    scores = [_score(scorer, volume, volume.data)]
-    scores += [_score(scorer, volume, _rician(volume.data, level * reference, rng)) for level in (0.05, 0.1, 0.2)]
-    assert scores[0] >= 0.9
-    assert all(a > b for a, b in itertools.pairwise(scores)), scores
-
-
-@pytest.mark.parametrize("name", HELD_OUT)
-def test_blur_lowers_the_score_as_it_worsens(scorer, name):
-    volume = load_nifti(shared_data("t1w", name))
-    scores = [_score(scorer, volume, volume.data)]
-    scores += [_score(scorer, volume, ndimage.gaussian_filter(volume.data, sigma)) for sigma in (1.0, 2.0, 3.0)]
-    assert all(a > b for a, b in itertools.pairwise(scores)), scores
-    assert scores[-1] < scores[0] - 0.3
-
-
-def _motion(data: np.ndarray, shift_mm: float, still_band: float, spacing_mm) -> np.ndarray:
-    """Rigid motion by k-space line mixing, without interpolation: lines of the second (phase-encode) axis
-    outside a central band of half-width ``still_band`` (fraction of the lines) come from a copy translated by
-    ``shift_mm`` along every axis (a phase ramp), the central band from the unmoved head."""
-    k = np.fft.fftn(data)
-    freqs = np.meshgrid(*[np.fft.fftfreq(n, d=s) for n, s in zip(data.shape, spacing_mm, strict=True)], indexing="ij")
-    moved = k * np.exp(-2j * np.pi * sum(f * shift_mm for f in freqs))
-    line = np.abs(np.fft.fftfreq(data.shape[1]))  # 0 at the centre line, 0.5 at the edge
-    outside = (line > still_band)[None, :, None]
-    return np.abs(np.fft.ifftn(np.where(outside, moved, k)))
-
-
-@pytest.mark.parametrize("name", HELD_OUT)
-def test_motion_lowers_the_score_as_it_worsens(scorer, name):
-    volume = load_nifti(shared_data("t1w", name))
-    scores = [_score(scorer, volume, volume.data)]
-    scores += [
-        _score(scorer, volume, _motion(volume.data, shift, band, volume.spacing_mm))
-        for shift, band in ((2.0, 0.2), (4.0, 0.12), (8.0, 0.06), (12.0, 0.04))
-    ]
-    assert all(a > b for a, b in itertools.pairwise(scores)), scores
-    # The label (SSIM) of the worst level is 0.43 (ds000011 sub-03) / 0.70 (ds002748 sub-09), a calibrated score
-    # of ~0.0 / ~0.47; the model, trained on TorchIO's motion, scores it ~0.69 / ~0.79: motion from another
-    # simulator is under-reported (MODEL_CARD.md, sanity check), but it must still be seen.
-    assert scores[-1] < scores[0] - 0.15, scores
-
-
-@pytest.mark.parametrize("name", ["philips_elitionx_t1_mprage_3d", "siemens_prisma_t1_2d_sag"])
-def test_real_clinical_scans_from_other_sites_do_not_alert(scorer, name):
-    """Good clinical T1 scans from scanners and sequences the model never saw must not raise a false alarm."""
-    from qc_daemon.cli import _pick_series
-    from qc_daemon.series import classify, read_series
-    from qc_daemon.settings import AlertSettings
-    from qc_daemon.volume import build_volume
-
-    folder = shared_data("dicom", name)
-    volume = build_volume(classify(read_series(name, _pick_series(folder, None)), min_slices=5))
-    assert scorer.score_volume(volume).score >= AlertSettings().threshold
+@pytest.mark.parametrize("kind", sorted(NON_DIAGNOSTIC))
+@pytest.mark.parametrize("name", UNSEEN)
+def test_non_diagnostic_scans_alert(scorer, volumes, name, kind):
+    volume = volumes[name]
+    clean = _score(scorer, volume, volume.data)
+    moderate = _score(scorer, volume, degrade(volume.data, kind, MODERATE[kind], volume.spacing_mm))
+    severe = _score(scorer, volume, degrade(volume.data, kind, NON_DIAGNOSTIC[kind], volume.spacing_mm))
+    assert severe < THRESHOLD, (clean, moderate, severe)
+    assert clean > moderate > severe, (clean, moderate, severe)

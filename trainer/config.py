@@ -43,13 +43,20 @@ class DataSection:
     spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
     patch_size: int = 96
     patch_step: int = 48
-    # clean source: degraded versions per subject = 1 clean + every kind at every severity 1..max + mixtures
+    # clean source: artifacts are simulated on each scan's native grid (trainer.artifacts), then the daemon's
+    # preprocessing makes the model input. versions_per_subject = 0: 1 clean + every kind at every severity
+    # 1..max + mixtures; > 0: that many versions per subject (2 clean, the kinds in turn at random severities,
+    # then mixtures_per_subject mixtures); a dataset with few subjects gets at least min_versions_per_dataset.
     kinds: tuple[str, ...] = ("noise", "motion", "ghosting", "spike", "blur", "bias")
-    max_severity: int = 4
+    max_severity: int = 5
     mixtures_per_subject: int = 4
-    # contrast variation of the clean source: every version (the clean one too) gets intensities**gamma with
-    # gamma drawn from this range, and its label is computed against the clean scan at the same gamma
-    contrast_gamma: tuple[float, float] = (1.0, 1.0)
+    versions_per_subject: int = 0
+    min_versions_per_dataset: int = 0
+    max_subjects_per_dataset: int = 0  # 0 = every subject under each root
+    # re-acquire each version of a clean scan first (trainer.acquisition: contrast curve, field of view, thick
+    # slices, noise floor); its label is computed against the re-acquired clean scan
+    acquisition: bool = False
+    workers: int = 1  # processes building the cache
     # splits (by subject): "holdout" = random test/val subjects from every root; "cross" = train on
     # train_roots, test on test_roots (val drawn from the training subjects)
     split: str = "holdout"
@@ -57,8 +64,12 @@ class DataSection:
     val_fraction: float = 0.15
     train_roots: tuple[str, ...] = ()
     test_roots: tuple[str, ...] = ()
-    # label -> score calibration: score 1 at label_at_1, 0 at the calib_low_percentile of training labels
-    # (the high percentile for a table target where higher is better)
+    # label -> score calibration. Clean source: per artifact kind, anchored to physical severities: the median
+    # label of severity artifacts.REPEAT_SEVERITY (a scan to repeat) maps to calib_repeat_score, of the severity
+    # below it to calib_moderate_score, 1 to 1. Table source: score 1 at the (100 - p)-th and 0 at the p-th
+    # percentile (p = calib_low_percentile) of the training labels (reversed when lower is better).
+    calib_repeat_score: float = 0.3
+    calib_moderate_score: float = 0.65
     calib_low_percentile: float = 2.0
     # table source (MRIQC-style TSV/CSV)
     table: str = ""
@@ -219,8 +230,16 @@ def _validate(config: TrainConfig) -> None:
     _check(not bad and len(d.kinds) > 0, "data.kinds", f"must be a non-empty list of {KINDS}", d.kinds)
     _check(1 <= d.max_severity <= MAX_SEVERITY, "data.max_severity", f"must be in 1..{MAX_SEVERITY}", d.max_severity)
     _check(d.mixtures_per_subject >= 0, "data.mixtures_per_subject", "must be >= 0", d.mixtures_per_subject)
-    low, high = d.contrast_gamma
-    _check(0 < low <= high, "data.contrast_gamma", "must be [low, high] with 0 < low <= high", d.contrast_gamma)
+    _check(d.versions_per_subject >= 0, "data.versions_per_subject", "must be >= 0", d.versions_per_subject)
+    _check(d.min_versions_per_dataset >= 0, "data.min_versions_per_dataset", "must be >= 0", d.min_versions_per_dataset)
+    _check(d.max_subjects_per_dataset >= 0, "data.max_subjects_per_dataset", "must be >= 0", d.max_subjects_per_dataset)
+    _check(d.workers >= 1, "data.workers", "must be >= 1", d.workers)
+    _check(
+        0.0 < d.calib_repeat_score < d.calib_moderate_score < 1.0,
+        "data.calib_moderate_score",
+        "must satisfy 0 < calib_repeat_score < calib_moderate_score < 1",
+        d.calib_moderate_score,
+    )
     _check(d.split in ("holdout", "cross"), "data.split", 'must be "holdout" or "cross"', d.split)
     _check(0.0 <= d.test_fraction < 1.0, "data.test_fraction", "must be in [0, 1)", d.test_fraction)
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)", d.val_fraction)

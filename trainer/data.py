@@ -39,6 +39,7 @@ import numpy as np
 from qc_daemon.model_contract import Normalisation, ScoreCalibration
 from qc_daemon.preprocess import normalise, resample_to_spacing
 from trainer import artifacts
+from trainer.acquisition import IDENTITY, Acquisition, acquire, draw_acquisition, head_box
 from trainer.config import DataSection
 from trainer.labels import LABEL_NAME, head_mask, quality_label
 
@@ -59,7 +60,7 @@ class VolumeItem:
     label: float
     degradations: tuple[dict[str, Any], ...] = ()
     source: str = "clean"
-    gamma: float = 1.0  # contrast variation applied to the clean source before any artifact (data.contrast_gamma)
+    acquisition: dict[str, Any] = dataclasses.field(default_factory=dict)  # trainer.acquisition.Acquisition
 
     @property
     def group(self) -> str:
@@ -141,9 +142,12 @@ def _fingerprint(data: DataSection) -> str:
         "kinds": list(data.kinds),
         "max_severity": data.max_severity,
         "mixtures": data.mixtures_per_subject,
-        "contrast_gamma": list(data.contrast_gamma),
+        "versions_per_subject": data.versions_per_subject,
+        "min_versions_per_dataset": data.min_versions_per_dataset,
+        "acquisition": data.acquisition,
+        "acquisition_design": draw_acquisition(0, (1.0, 1.0, 1.0)).to_dict() if data.acquisition else None,
         "severity_table": artifacts.SEVERITY_TABLE,
-        # the random half's design (timings, positions, ...): a changed draw_params invalidates the cache
+        # the random half's design: a changed draw_params invalidates the cache
         "artifact_params": {
             k: [artifacts.draw_params(k, s, 0) for s in range(1, artifacts.MAX_SEVERITY + 1)] for k in artifacts.KINDS
         },
@@ -178,15 +182,34 @@ def _seed(*parts: object) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
-def degraded_versions(
-    data: DataSection, dataset: str, subject: str
-) -> list[tuple[str, int, list[tuple[str, int, int]]]]:
-    """The versions made for one subject: (kind, severity, [(kind, severity, seed), ...]) with fixed seeds."""
-    versions: list[tuple[str, int, list[tuple[str, int, int]]]] = [("clean", 0, [])]
-    for kind in data.kinds:
-        for severity in range(1, data.max_severity + 1):
-            versions.append((kind, severity, [(kind, severity, _seed(dataset, subject, kind, severity))]))
-    for m in range(data.mixtures_per_subject):
+Version = tuple[str, int, list[tuple[str, int, int]]]
+
+
+def degraded_versions(data: DataSection, dataset: str, subject: str, n_versions: int = 0) -> list[Version]:
+    """The versions made for one subject: (kind, severity, [(kind, severity, seed), ...]) with fixed seeds.
+
+    ``n_versions`` (else ``data.versions_per_subject``) = 0: one clean version, every kind at every severity,
+    then the mixtures. > 0: two clean versions (each re-acquired differently), the kinds in a seeded order at
+    random severities, and the last ``mixtures_per_subject`` versions mixtures.
+    """
+    n_versions = n_versions or data.versions_per_subject
+    versions: list[Version] = []
+    if not n_versions:
+        versions.append(("clean", 0, []))
+        for kind in data.kinds:
+            for severity in range(1, data.max_severity + 1):
+                versions.append((kind, severity, [(kind, severity, _seed(dataset, subject, kind, severity))]))
+        n_mixtures = data.mixtures_per_subject
+    else:
+        rng = np.random.default_rng(_seed(dataset, subject, "versions"))
+        n_mixtures = min(data.mixtures_per_subject, max(0, n_versions - 3))
+        versions += [("clean", 0, []), ("clean", 0, [])]
+        order = list(rng.permutation(len(data.kinds)))
+        for i in range(n_versions - 2 - n_mixtures):
+            kind = data.kinds[int(order[i % len(order)])]
+            severity = int(rng.integers(1, data.max_severity + 1))
+            versions.append((kind, severity, [(kind, severity, _seed(dataset, subject, kind, severity, i))]))
+    for m in range(n_mixtures):
         parts = artifacts.draw_mixture(
             _seed(dataset, subject, "mixture", m), data.kinds, max_severity=data.max_severity
         )
@@ -194,27 +217,91 @@ def degraded_versions(
     return versions
 
 
-def draw_gamma(gamma_range: Sequence[float], seed: int) -> float:
-    """A contrast exponent from ``gamma_range``, log-uniform (so 0.7 and 1/0.7 are equally likely); 1 if fixed."""
-    low, high = (float(g) for g in gamma_range)
-    if low == high:
-        return round(low, 4)
-    return round(float(np.exp(np.random.default_rng(seed).uniform(np.log(low), np.log(high)))), 4)
+def make_version(
+    raw: np.ndarray,
+    spacing_mm: Sequence[float],
+    data: DataSection,
+    seed: int,
+    parts: Sequence[tuple[str, int, int]],
+) -> tuple[np.ndarray, float, list[artifacts.Degradation], Acquisition]:
+    """One training volume from a clean native scan: re-acquire, degrade on that grid, label, preprocess.
 
-
-def with_contrast(volume: np.ndarray, gamma: float) -> np.ndarray:
-    """``volume`` with its intensities raised to ``gamma`` relative to the 99.5th percentile (0 stays 0).
-
-    A stand-in for the contrast differences between T1 sequences and vendors (MPRAGE, SPGR, TFE; fat and
-    scalp brightness): gamma < 1 brightens grey matter and background, gamma > 1 darkens them.
+    Returns the model input (the daemon's resampling and normalisation of the degraded scan), the label (SSIM
+    against the re-acquired clean scan on its own grid, 1.0 for a clean version), the degradation records and
+    the acquisition.
     """
-    if gamma == 1.0:
-        return volume
-    v = np.clip(np.asarray(volume, dtype=np.float32), 0.0, None)
-    top = float(np.percentile(v, 99.5))
-    if top <= 0:
-        return v
-    return (top * (v / top) ** np.float32(gamma)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    acquisition = draw_acquisition(int(rng.integers(0, 2**31 - 1)), spacing_mm) if data.acquisition else IDENTITY
+    clean, spacing = acquire(raw, spacing_mm, acquisition)
+    in_plane = [a for a in range(3) if a != acquisition.thick_axis]
+    pe_axis = int(in_plane[int(rng.integers(0, len(in_plane)))])
+    if parts:
+        degraded, records = artifacts.degrade_mixture(clean, spacing, parts, pe_axis)
+        reference = normalise(clean, NORMALISATION)
+        label = quality_label(
+            reference,
+            normalise(degraded, NORMALISATION),
+            mask=head_mask(reference),
+            already_normalised=True,
+            spacing_mm=spacing,
+        )
+    else:
+        degraded, records, label = clean, [], 1.0
+    volume = normalise(to_model_grid(degraded, spacing, data.spacing_mm), NORMALISATION)
+    return volume, label, records, acquisition
+
+
+def _cache_subject(args: tuple[SourceVolume, DataSection, str, int]) -> list[VolumeItem]:
+    """Every version of one subject, written to the cache folder (a worker process's unit of work)."""
+    source, data, cache, n_versions = args
+    raw, spacing = load_ras(source.path)
+    raw = np.ascontiguousarray(raw[head_box(raw)])  # less to compute, same head
+    out: list[VolumeItem] = []
+    for index, (kind, severity, parts) in enumerate(degraded_versions(data, source.dataset, source.subject, n_versions)):
+        seed = _seed(source.dataset, source.subject, "version", index)
+        volume, label, records, acquisition = make_version(raw, spacing, data, seed, parts)
+        name = f"{source.dataset}_sub-{source.subject}_{index:03d}.npy"
+        np.save(Path(cache) / name, volume.astype(np.float16))
+        out.append(
+            VolumeItem(
+                name,
+                source.dataset,
+                source.subject,
+                kind,
+                severity,
+                round(float(label), 6),
+                tuple(r.to_dict() for r in records),
+                "clean",
+                acquisition.to_dict(),
+            )
+        )
+    return out
+
+
+def select_subjects(subjects: Sequence[SourceVolume], data: DataSection) -> list[SourceVolume]:
+    """At most ``max_subjects_per_dataset`` subjects of each dataset (the first ones in name order)."""
+    if not data.max_subjects_per_dataset:
+        return list(subjects)
+    counts: dict[str, int] = {}
+    out = []
+    for s in subjects:
+        counts[s.dataset] = counts.get(s.dataset, 0) + 1
+        if counts[s.dataset] <= data.max_subjects_per_dataset:
+            out.append(s)
+    return out
+
+
+def versions_for(subjects: Sequence[SourceVolume], data: DataSection) -> dict[str, int]:
+    """Versions per subject of each dataset: versions_per_subject, raised so that a dataset with few subjects
+    still gets min_versions_per_dataset in all."""
+    per_dataset: dict[str, int] = {}
+    for s in subjects:
+        per_dataset[s.dataset] = per_dataset.get(s.dataset, 0) + 1
+    if not data.versions_per_subject:
+        return {d: 0 for d in per_dataset}
+    return {
+        d: max(data.versions_per_subject, -(-data.min_versions_per_dataset // n)) for d, n in per_dataset.items()
+    }
 
 
 def build_clean_cache(
@@ -223,50 +310,36 @@ def build_clean_cache(
     progress: bool = False,
     subjects: Sequence[SourceVolume] | None = None,
 ) -> list[VolumeItem]:
-    """Make (or complete) the clean-source cache; subjects already cached are skipped. Returns every item."""
+    """Make (or complete) the clean-source cache; subjects already cached are skipped. Returns every item.
+
+    Subjects are processed by ``data.workers`` processes; the manifest is appended one subject at a time, so an
+    interrupted build resumes.
+    """
     cache = Path(cache_dir or data.cache_dir)
     items = _open_cache(cache, data)
     done = {item.group for item in items}
-    todo = [
-        s
-        for s in (subjects if subjects is not None else find_clean_subjects(data.roots))
-        if f"{s.dataset}/{s.subject}" not in done
-    ]
-    bar = _progress(todo, progress, "caching subjects")
-    for source in bar:
-        raw, spacing = load_ras(source.path)
-        grid = to_model_grid(raw, spacing, data.spacing_mm)
-        mask = head_mask(normalise(grid, NORMALISATION))
-        new: list[VolumeItem] = []
-        for index, (kind, severity, parts) in enumerate(degraded_versions(data, source.dataset, source.subject)):
-            gamma = draw_gamma(data.contrast_gamma, _seed(source.dataset, source.subject, "gamma", index))
-            source_grid = with_contrast(grid, gamma)
-            clean = normalise(source_grid, NORMALISATION)
-            if parts:
-                degraded, records = artifacts.degrade_mixture(source_grid, data.spacing_mm, parts)
-                volume = normalise(degraded, NORMALISATION)
-                label = quality_label(clean, volume, mask=mask, already_normalised=True)
-            else:
-                volume, records, label = clean, [], 1.0
-            name = f"{source.dataset}_sub-{source.subject}_{index:03d}.npy"
-            np.save(cache / name, volume.astype(np.float16))
-            new.append(
-                VolumeItem(
-                    name,
-                    source.dataset,
-                    source.subject,
-                    kind,
-                    severity,
-                    round(label, 6),
-                    tuple(r.to_dict() for r in records),
-                    "clean",
-                    gamma,
-                )
-            )
-        with open(cache / MANIFEST, "a") as fh:  # one subject at a time: an interrupted build resumes
-            fh.writelines(item.to_json() + "\n" for item in new)
-        items.extend(new)
+    chosen = select_subjects(subjects if subjects is not None else find_clean_subjects(data.roots), data)
+    n_versions = versions_for(chosen, data)
+    todo = [(s, data, str(cache), n_versions[s.dataset]) for s in chosen if f"{s.dataset}/{s.subject}" not in done]
+    if data.workers > 1 and len(todo) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(data.workers) as pool:
+            results = pool.imap_unordered(_cache_subject, todo)
+            for new in _progress(results, progress, "caching subjects", total=len(todo)):
+                _append(cache, new)
+                items.extend(new)
+    else:
+        for job in _progress(todo, progress, "caching subjects"):
+            new = _cache_subject(job)
+            _append(cache, new)
+            items.extend(new)
     return items
+
+
+def _append(cache: Path, new: Sequence[VolumeItem]) -> None:
+    with open(cache / MANIFEST, "a") as fh:
+        fh.writelines(item.to_json() + "\n" for item in new)
 
 
 def read_table(path: str | Path) -> list[dict[str, str]]:
@@ -401,18 +474,39 @@ def _count(n: int, fraction: float) -> int:
 def fit_calibration(items: Sequence[VolumeItem], data: DataSection) -> ScoreCalibration:
     """Label -> score mapping from the training labels.
 
-    Clean source (SSIM label): score 1 at SSIM 1 (an untouched scan), score 0 at the
-    ``calib_low_percentile``-th percentile of the training labels. Table source: score 1 at the
-    (100 - p)-th and 0 at the p-th percentile when higher is better, the reverse otherwise.
+    Clean source (SSIM label), per artifact kind, anchored to physical severities rather than to a percentile of
+    the labels: score 1 at SSIM 1; the median label of that kind at severity ``REPEAT_SEVERITY - 1`` (degraded
+    but diagnostic) -> ``calib_moderate_score``; at ``REPEAT_SEVERITY`` (a scan to repeat) ->
+    ``calib_repeat_score``; the same slope on down to 0. SSIM weighs the kinds very differently (12 % ghosts
+    leave SSIM ~0.97, noise at WM SNR 9 ~0.8), so one curve for all would alert on mild noise or never on ghosts.
+    Bias field gets the median of the other kinds' curves: a smooth shading barely changes SSIM and is no reason
+    to repeat a scan. The linear ``label_at_0`` is the pooled curve's zero, for a reader of the metadata.
+
+    Table source: score 1 at the (100 - p)-th and 0 at the p-th percentile when higher is better, the reverse
+    otherwise (p = ``calib_low_percentile``).
     """
     labels = np.asarray([item.label for item in items], dtype=np.float64)
     if labels.size == 0:
         raise ValueError("no training labels to calibrate on")
-    p = data.calib_low_percentile
     if data.source == "clean":
-        low = float(np.percentile(labels, p))
-        low = min(low, 0.999)
-        return ScoreCalibration(LABEL_NAME, round(low, 4), 1.0)
+        anchors = {}
+        for kind in data.kinds:
+            moderate = [i.label for i in items if i.kind == kind and i.severity == artifacts.REPEAT_SEVERITY - 1]
+            repeat = [i.label for i in items if i.kind == kind and i.severity == artifacts.REPEAT_SEVERITY]
+            if kind != "bias" and moderate and repeat:
+                anchors[kind] = _anchor_knots(float(np.median(moderate)), float(np.median(repeat)), data)
+        if not anchors:
+            raise ValueError(f"no training volume at severity {artifacts.REPEAT_SEVERITY} to anchor the calibration")
+        pooled = _anchor_knots(
+            float(np.median([k[2][0] for k in anchors.values()])),
+            float(np.median([k[1][0] for k in anchors.values()])),
+            data,
+        )
+        if "bias" in data.kinds:
+            anchors["bias"] = pooled
+        ordered = tuple((kind, anchors[kind]) for kind in data.kinds if kind in anchors)
+        return ScoreCalibration(LABEL_NAME, pooled[0][0], 1.0, ordered)
+    p = data.calib_low_percentile
     lo, hi = (float(v) for v in np.percentile(labels, [p, 100 - p]))
     if hi == lo:
         hi = lo + 1e-6
@@ -421,9 +515,30 @@ def fit_calibration(items: Sequence[VolumeItem], data: DataSection) -> ScoreCali
     return ScoreCalibration(data.target, hi, lo)
 
 
-def _progress(seq: Sequence[Any], enabled: bool, desc: str) -> Iterable[Any]:
+def _anchor_knots(moderate: float, repeat: float, data: DataSection) -> tuple[tuple[float, float], ...]:
+    """Knots (label, score): zero, repeat, moderate, 1 -- strictly increasing labels."""
+    moderate = min(moderate, 0.999)
+    repeat = min(repeat, moderate - 1e-3)
+    slope = (data.calib_moderate_score - data.calib_repeat_score) / (moderate - repeat)
+    zero = repeat - data.calib_repeat_score / slope
+    knots = ((zero, 0.0), (repeat, data.calib_repeat_score), (moderate, data.calib_moderate_score), (1.0, 1.0))
+    return tuple((round(a, 5), round(b, 5)) for a, b in knots)
+
+
+def target_score(item: VolumeItem, calibration: ScoreCalibration) -> float:
+    """The score the network is trained to give ``item``: its label through its kind's calibration curve.
+
+    A mixture is scored by the most lenient curve among its parts' kinds (its SSIM holds every part's damage).
+    """
+    if item.kind == "clean":
+        return 1.0
+    kinds = [d["kind"] for d in item.degradations] or [item.kind]
+    return max(calibration.score_from_label(item.label, kind) for kind in kinds)
+
+
+def _progress(seq: Iterable[Any], enabled: bool, desc: str, total: int | None = None) -> Iterable[Any]:
     if not enabled:
         return seq
     from tqdm import tqdm
 
-    return tqdm(seq, desc=desc, unit="vol")
+    return tqdm(seq, desc=desc, unit="vol", total=total)

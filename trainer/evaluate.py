@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from trainer.config import TrainConfig, replace
-from trainer.data import VolumeItem, build_cache, load_volume, split_items
+from trainer.data import VolumeItem, build_cache, load_volume, split_items, target_score
 from trainer.metrics import Estimate, all_metrics
 
 
@@ -70,7 +70,7 @@ def evaluate_checkpoint(
     torch.set_num_threads(max(1, config.train.num_threads or torch.get_num_threads()))
     model = model_from_checkpoint(ckpt).to(device)
     pred = predict_items(model, items, config, device, progress=progress)
-    target = np.array([calibration.score_from_label(item.label) for item in items])
+    target = np.array([target_score(item, calibration) for item in items])
     groups = [item.group for item in items]
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
@@ -214,7 +214,7 @@ def _test_metrics(
     device = select_device(config.train.device)
     pred = predict_items(model_from_checkpoint(ckpt).to(device), items, config, device)
     calibration = calibration_from_meta(ckpt.model_meta)
-    target = np.array([calibration.score_from_label(i.label) for i in items])
+    target = np.array([target_score(i, calibration) for i in items])
     return all_metrics(pred, target, n_boot=n_boot, groups=[i.group for i in items]), ckpt
 
 
@@ -352,8 +352,8 @@ def classical_baseline(
         return np.array([[r[k] for k in sorted(r)] for r in rows])
 
     x_train, x_test = features(train_items), features(test)
-    y_train = np.array([calibration.score_from_label(i.label) for i in train_items])
-    y_test = np.array([calibration.score_from_label(i.label) for i in test])
+    y_train = np.array([target_score(i, calibration) for i in train_items])
+    y_test = np.array([target_score(i, calibration) for i in test])
     forest = RandomForestRegressor(n_estimators=300, min_samples_leaf=2, random_state=seed, n_jobs=1)
     forest.fit(x_train, y_train)
     pred_rf = forest.predict(x_test)

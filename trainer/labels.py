@@ -27,8 +27,8 @@ from scipy import ndimage
 from qc_daemon.model_contract import Normalisation
 from qc_daemon.preprocess import normalise
 
-LABEL_NAME = "ssim_head"
-SSIM_SIGMA = 1.5
+LABEL_NAME = "ssim_head_native"
+SSIM_SIGMA = 1.5  # voxels, or mm when quality_label is given the voxel size
 _C1 = (0.01 * 1.0) ** 2
 _C2 = (0.03 * 1.0) ** 2
 
@@ -51,10 +51,11 @@ def head_mask(volume: np.ndarray) -> np.ndarray:
     return mask
 
 
-def ssim_map(a: np.ndarray, b: np.ndarray, sigma: float = SSIM_SIGMA) -> np.ndarray:
-    """Voxel-wise SSIM of two volumes with intensities in [0, 1] (Gaussian window of std ``sigma`` voxels)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
+def ssim_map(a: np.ndarray, b: np.ndarray, sigma: float | tuple[float, ...] = SSIM_SIGMA) -> np.ndarray:
+    """Voxel-wise SSIM of two volumes with intensities in [0, 1] (Gaussian window of std ``sigma`` voxels,
+    one value or one per axis)."""
+    a = np.asarray(a, dtype=np.float32)
+    b = np.asarray(b, dtype=np.float32)
 
     def f(x: np.ndarray) -> np.ndarray:
         return ndimage.gaussian_filter(x, sigma, truncate=3.5)
@@ -72,8 +73,13 @@ def quality_label(
     normalisation: Normalisation | None = None,
     mask: np.ndarray | None = None,
     already_normalised: bool = False,
+    spacing_mm: tuple[float, float, float] | None = None,
 ) -> float:
-    """Mean SSIM within the clean volume's head mask after the daemon's normalisation; 1.0 for ``degraded == clean``."""
+    """Mean SSIM within the clean volume's head mask after the daemon's normalisation; 1.0 for ``degraded == clean``.
+
+    With ``spacing_mm`` the SSIM window is ``SSIM_SIGMA`` millimetres on every axis (the same physical window on a
+    0.7 mm, a 1 mm and a 5 mm-slice scan); without it, ``SSIM_SIGMA`` voxels.
+    """
     if clean.shape != degraded.shape:
         raise ValueError(f"shapes differ: {clean.shape} vs {degraded.shape}")
     if already_normalised:
@@ -85,4 +91,5 @@ def quality_label(
         mask = head_mask(a)
     if np.array_equal(a, b):
         return 1.0
-    return float(np.clip(ssim_map(a, b)[mask].mean(), -1.0, 1.0))
+    sigma = tuple(SSIM_SIGMA / float(s) for s in spacing_mm) if spacing_mm else SSIM_SIGMA
+    return float(np.clip(ssim_map(a, b, sigma)[mask].mean(), -1.0, 1.0))

@@ -29,7 +29,15 @@ import torch
 
 from trainer.checkpoint import load_checkpoint, make_model_meta, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import NORMALISATION, VolumeItem, build_cache, fit_calibration, load_volume, split_items
+from trainer.data import (
+    NORMALISATION,
+    VolumeItem,
+    build_cache,
+    fit_calibration,
+    load_volume,
+    split_items,
+    target_score,
+)
 from trainer.labels import LABEL_NAME
 from trainer.metrics import plcc, srocc
 from trainer.model import HySNet, build_model
@@ -46,6 +54,8 @@ from trainer.patches import (
 LICENCES = {
     "ds000011": "OpenfMRI ds000011, PDDL 1.0",
     "ds002748": "OpenNeuro ds002748 v1.0.5, CC0 (Bezmaternykh et al., Neural Plasticity 2021)",
+    "ds002608": "OpenNeuro ds002608 v1.0.1, PDDL 1.0 (Spisak et al., Nat Commun 2019)",
+    "studyforrest": "studyforrest, PDDL 1.0 (Hanke et al., Sci Data 2014)",
 }
 
 
@@ -116,7 +126,7 @@ def training_batch(
     for index in indices:
         item = items[int(index)]
         inputs.append(training_inputs(load_volume(config.data.cache_dir, item), config, n, rng))
-        targets.append(np.full(n, calibration.score_from_label(item.label), np.float32))
+        targets.append(np.full(n, target_score(item, calibration), np.float32))
     return np.concatenate(inputs), np.concatenate(targets)
 
 
@@ -161,10 +171,15 @@ def model_meta(config: TrainConfig, calibration, train_items: Sequence[VolumeIte
     names = ", ".join(LICENCES.get(d, d) for d in datasets)
     if config.data.source == "clean":
         label = (
-            f"{LABEL_NAME}: mean SSIM inside the head mask between the scan and its clean original, after "
-            "simulated artifacts (noise, motion, ghosting, spike, blur, bias field and mixtures); score 1 = clean"
+            f"{LABEL_NAME}: mean SSIM (1.5 mm window) inside the head mask between the scan and its clean original on "
+            "the scan's own grid, after artifacts simulated at acquisition (noise, shot-to-shot motion, ghosting, "
+            "spike, blur, bias field and mixtures); per-kind calibration anchored to physical severities: a scan "
+            "to repeat scores 0.3; score 1 = clean"
         )
-        training = f"{names}; {subjects} training subjects, simulated artifacts (trainer.artifacts)"
+        training = (
+            f"{names}; {subjects} training subjects, re-acquired (trainer.acquisition) with artifacts simulated "
+            "on the native grid (trainer.artifacts)"
+        )
     else:
         label = f"MRIQC IQM {config.data.target} ({'higher' if config.data.higher_is_better else 'lower'} is better)"
         training = f"{names}; {subjects} training subjects, rated scans from {Path(config.data.table).name}"
@@ -282,7 +297,7 @@ def train(config: TrainConfig, config_path: str | None = None) -> Path:
             )
         if val_items:
             pred = predict_items(model, val_items, config, device)
-            target = np.array([calibration.score_from_label(item.label) for item in val_items])
+            target = np.array([target_score(item, calibration) for item in val_items])
             record.update(
                 val_l1=float(np.mean(np.abs(pred - target))), val_srocc=srocc(pred, target), val_plcc=plcc(pred, target)
             )

@@ -1,0 +1,149 @@
+"""Acquisition-realistic augmentation of a clean scan: what makes a good scan from another site look different.
+
+With few training sites, a network can learn "these heads" (their contrast, field of view, background, slice
+thickness) instead of what an artifact looks like, and then call any unfamiliar clean scan degraded. Before any
+artifact, each training version of a clean scan is therefore "re-acquired" with a randomly drawn
+:class:`Acquisition` (random half: :func:`draw_acquisition`, recorded as JSON; deterministic half:
+:func:`acquire`):
+
+* **contrast**: a random monotone intensity curve through the head's intensity percentiles (a generalisation of
+  a gamma; tissue classes keep their T1 order, their ratios change: MPRAGE vs SPGR vs TFE vs spin echo,
+  post-contrast scalp and fat);
+* **field of view**: random cropping of each side (tight FOVs, cut-off necks and vertices);
+* **slice thickness**: sometimes (``p_thick``) a thick-slice acquisition along one axis (2.5-5 mm slices,
+  slice profile averaged), as 2D clinical T1 series are;
+* **background noise floor**: sometimes a Rician floor of 0.5-1.5 % of the 99th percentile, so skull-stripped
+  scans with an exactly-zero background do not teach the network that "no noise" means "good".
+
+The artifact is then applied on the re-acquired grid (``trainer.artifacts``) and the label is computed against
+the re-acquired clean scan, so it stays exactly 1 for a clean version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+CURVE_PERCENTILES: tuple[float, ...] = (0.0, 20.0, 40.0, 60.0, 80.0, 95.0, 99.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Acquisition:
+    """How a clean scan is re-acquired (JSON-able via :meth:`to_dict`)."""
+
+    crop: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.0, 0.0), (0.0, 0.0))  # fraction cut from each side
+    curve: tuple[float, ...] = ()  # output levels at CURVE_PERCENTILES of the head (empty: identity)
+    thick_axis: int = -1  # -1: no thick slices
+    thick_mm: float = 0.0
+    floor_fraction: float = 0.0  # Rician noise floor sigma, fraction of p99
+    floor_seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+IDENTITY = Acquisition()
+
+
+def draw_acquisition(
+    seed: int, spacing_mm: Sequence[float], p_thick: float = 0.25, p_curve: float = 0.85, p_floor: float = 0.4
+) -> Acquisition:
+    """The random half: a re-acquisition for a scan of voxel size ``spacing_mm``."""
+    rng = np.random.default_rng(seed)
+    crop = tuple(
+        (round(float(rng.uniform(0, 0.12)), 3), round(float(rng.uniform(0, 0.12)), 3)) if rng.random() < 0.5 else (0.0, 0.0)
+        for _ in range(3)
+    )
+    curve: tuple[float, ...] = ()
+    if rng.random() < p_curve:
+        steps = rng.dirichlet(np.full(len(CURVE_PERCENTILES) - 1, 2.0))  # random monotone increments
+        curve = tuple(round(float(v), 4) for v in np.concatenate([[0.0], np.cumsum(steps)]))
+    thick_axis, thick_mm = -1, 0.0
+    if rng.random() < p_thick:
+        axis = int(rng.integers(0, 3))
+        thickness = float(rng.uniform(2.5, 5.0))
+        if thickness > 1.5 * float(spacing_mm[axis]):
+            thick_axis, thick_mm = axis, round(thickness, 2)
+    floor = round(float(rng.uniform(0.005, 0.015)), 4) if rng.random() < p_floor else 0.0
+    return Acquisition(crop, curve, thick_axis, thick_mm, floor, int(rng.integers(0, 2**31 - 1)))
+
+
+def acquire(
+    volume: np.ndarray, spacing_mm: Sequence[float], acquisition: Acquisition
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The deterministic half: the re-acquired volume and its voxel size."""
+    out = np.asarray(volume, dtype=np.float32)
+    spacing = tuple(float(s) for s in spacing_mm)
+    out = _crop(out, acquisition.crop)
+    if acquisition.curve:
+        out = _intensity_curve(out, acquisition.curve)
+    if acquisition.thick_axis >= 0:
+        out, spacing = _thick_slices(out, spacing, acquisition.thick_axis, acquisition.thick_mm)
+    if acquisition.floor_fraction > 0:
+        out = _noise_floor(out, acquisition.floor_fraction, acquisition.floor_seed)
+    return out, spacing  # type: ignore[return-value]
+
+
+def head_box(volume: np.ndarray, margin: int = 6) -> tuple[slice, slice, slice]:
+    """The bounding box of everything above 5 % of the 99th percentile, plus ``margin`` voxels."""
+    high = float(np.percentile(volume, 99))
+    inside = volume > 0.05 * high
+    if not inside.any():
+        return (slice(None),) * 3  # type: ignore[return-value]
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(inside.any(axis=other))
+        box.append(slice(max(0, hits[0] - margin), min(volume.shape[axis], hits[-1] + margin + 1)))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def _crop(volume: np.ndarray, crop: Sequence[Sequence[float]]) -> np.ndarray:
+    index = []
+    for n, (before, after) in zip(volume.shape, crop, strict=True):
+        start, stop = int(round(n * before)), n - int(round(n * after))
+        index.append(slice(start, max(stop, start + 1)))
+    return np.ascontiguousarray(volume[tuple(index)])
+
+
+def _intensity_curve(volume: np.ndarray, curve: Sequence[float]) -> np.ndarray:
+    """Piecewise-linear monotone map through the head's intensity percentiles (0 stays 0)."""
+    top = float(np.percentile(volume, 99.5))
+    head = volume[volume > 0.1 * top]
+    if head.size == 0 or top <= 0:
+        return volume
+    knots = np.percentile(head, CURVE_PERCENTILES[1:-1])
+    x = np.concatenate([[0.0], knots, [top]])
+    x = np.maximum.accumulate(x + np.arange(x.size) * 1e-6 * top)  # strictly increasing
+    y = np.asarray(curve, dtype=np.float64) * top
+    mapped = np.interp(volume, x, y)
+    above = volume > top  # keep the bright tail's shape
+    mapped[above] = y[-1] * volume[above] / top
+    return mapped.astype(np.float32)
+
+
+def _thick_slices(
+    volume: np.ndarray, spacing: tuple[float, ...], axis: int, thickness_mm: float
+) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Average over a slice profile of ``thickness_mm`` along ``axis``, then sample one slice per thickness."""
+    sigma = thickness_mm / 2.355 / spacing[axis]
+    smoothed = ndimage.gaussian_filter1d(volume, sigma, axis=axis, truncate=2.5)
+    zoom = [1.0, 1.0, 1.0]
+    zoom[axis] = spacing[axis] / thickness_mm
+    out = ndimage.zoom(smoothed, zoom, order=1, mode="nearest", grid_mode=True)
+    new_spacing = list(spacing)
+    new_spacing[axis] = spacing[axis] * volume.shape[axis] / out.shape[axis]
+    return out.astype(np.float32), tuple(new_spacing)
+
+
+def _noise_floor(volume: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    nonzero = volume[volume > 0]
+    sigma = np.float32(fraction * (float(np.percentile(nonzero, 99)) if nonzero.size else 1.0))
+    rng = np.random.default_rng(seed)
+    real = volume + sigma * rng.standard_normal(volume.shape, dtype=np.float32)
+    imag = sigma * rng.standard_normal(volume.shape, dtype=np.float32)
+    return np.sqrt(real * real + imag * imag)
