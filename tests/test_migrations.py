@@ -130,7 +130,8 @@ def test_downgrade_to_0001_and_back_keeps_the_rows(tmp_path):
     path = _release_db(tmp_path)
     store = Store(f"sqlite:///{path}")
     store.close()
-    before = _rows(path, "SELECT id, series_instance_uid, revision, status, score FROM series_results ORDER BY id")
+    kept = "SELECT id, series_instance_uid, revision, status, score FROM series_results ORDER BY id"
+    before = _rows(path, kept)
     config = alembic_config()
     with migration_connection(store.engine) as conn:
         config.attributes["connection"] = conn
@@ -142,7 +143,7 @@ def test_downgrade_to_0001_and_back_keeps_the_rows(tmp_path):
     store = Store(f"sqlite:///{path}")
     assert store.revision == "0002"
     store.close()
-    assert _rows(path, "SELECT id, series_instance_uid, revision, status, score FROM series_results ORDER BY id") == before
+    assert _rows(path, kept) == before
     assert _rows(path, "SELECT count(*) FROM alerts") == [(2,)]
 
 
