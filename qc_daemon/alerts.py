@@ -17,9 +17,7 @@ import urllib.request
 
 from qc_daemon.logs import get_logger
 from qc_daemon.settings import AlertSettings
-from sqlalchemy import update
-
-from qc_daemon.store import Alert, AlertChannel, AlertState, SeriesResult, Store, due_alerts, utcnow
+from qc_daemon.store import Alert, AlertChannel, AlertState, SeriesResult, Store, claim_alert, due_alerts, utcnow
 
 log = get_logger(__name__)
 
@@ -119,9 +117,8 @@ class AlertDispatcher:
     def deliver_due(self, now: dt.datetime | None = None) -> int:
         """Try every due alert once; returns how many were delivered.
 
-        Each alert is first claimed (its next attempt moved past the delivery timeout in one conditional
-        UPDATE), so two dispatchers, in one process or in several daemons sharing a database, never send the
-        same alert twice at once.
+        Each alert is first claimed for longer than a delivery can take (:func:`~qc_daemon.store.claim_alert`),
+        so two dispatchers, in one process or in several daemons sharing a database, never send it twice at once.
         """
         delivered = 0
         for channel in enabled_channels(self.settings):
@@ -135,13 +132,7 @@ class AlertDispatcher:
     def _claim(self, alert_id: int, now: dt.datetime) -> bool:
         lease_s = max(self.settings.webhook_timeout_s, self.settings.exec_timeout_s) + 30.0
         with self.store.session() as session:
-            claimed = session.execute(
-                update(Alert)
-                .where(Alert.id == alert_id, Alert.state == AlertState.PENDING, Alert.next_attempt_at <= now)
-                .values(next_attempt_at=now + dt.timedelta(seconds=lease_s))
-            ).rowcount
-            session.commit()
-        return claimed == 1
+            return claim_alert(session, alert_id, now, lease_s)
 
     def _attempt(self, channel: AlertChannel, alert_id: int) -> int:
         with self.store.session() as session:

@@ -3,7 +3,9 @@
 A series is complete after ``quiet_period_s`` without a new instance, or as soon as the scanner's announced
 instance count (ImagesInAcquisition) has arrived. Complete series are handed to the work queue; when the queue
 is full they simply stay here (their instances are safe in the spool) and are offered again on the next tick.
-A late instance after scoring makes the series complete again, and the worker opens a new revision.
+A late instance after scoring makes the series complete again, and the worker opens a new revision. A series
+whose processing failed on the store comes back here through :meth:`Assembler.retry_later` and is handed over
+again once its delay has passed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class _Receiving:
     last_arrival: float
     arrived: int = 0
     expected: int | None = None
+    not_before: float | None = None  # a retry: not handed over before this clock time
 
 
 class Assembler:
@@ -60,6 +63,13 @@ class Assembler:
         with self._lock:
             self._receiving.setdefault(series_uid, _Receiving(last_arrival=self._clock() - max(0.0, age_s)))
 
+    def retry_later(self, series_uid: str, delay_s: float) -> None:
+        """Track again a series whose processing raised; it is complete again once ``delay_s`` has passed."""
+        now = self._clock()
+        with self._lock:
+            state = self._receiving.setdefault(series_uid, _Receiving(last_arrival=now - self.quiet_period_s))
+            state.not_before = now + delay_s
+
     def receiving(self) -> list[str]:
         with self._lock:
             return list(self._receiving)
@@ -69,7 +79,8 @@ class Assembler:
         now = self._clock()
         with self._lock:
             snapshot = {uid: (state.arrived, state.expected, self._is_quiet(state, now))
-                        for uid, state in self._receiving.items()}
+                        for uid, state in self._receiving.items()
+                        if state.not_before is None or now >= state.not_before}
         complete = []
         for uid, (arrived, expected, quiet) in snapshot.items():
             if quiet:

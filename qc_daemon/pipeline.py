@@ -1,7 +1,10 @@
 """The work behind a complete series: snapshot the spool, classify, build the volume, score, record, alert.
 
 :class:`SeriesProcessor` does one series and never raises: every outcome is a stored row (scored, skipped or
-failed, with its reason). :class:`WorkQueue` runs it on worker threads from a bounded queue.
+failed, with its reason) -- unless the store itself fails, and then it raises. :class:`WorkQueue` runs it on
+worker threads from a bounded queue and hands a series whose processing raised back for a retry after a delay
+that doubles with each failure (capped), so a database outage delays results instead of losing them until the
+next restart.
 """
 
 from __future__ import annotations
@@ -12,17 +15,17 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from qc_daemon.alerts import alert_payload
+from qc_daemon.alerts import alert_payload, backoff_s
 from qc_daemon.logs import get_logger
 from qc_daemon.scorer import Scorer
 from qc_daemon.series import SeriesFailed, SeriesSkipped, classify, read_series, series_facts
 from qc_daemon.spool import Spool
 from qc_daemon.store import (
-    FINAL_STATUSES,
     AlertChannel,
     SeriesResult,
     SeriesStatus,
     Store,
+    awaits_result,
     enqueue_alert,
     latest_revision,
     open_revision,
@@ -31,6 +34,8 @@ from qc_daemon.store import (
 from qc_daemon.volume import build_volume
 
 log = get_logger(__name__)
+RETRY_INITIAL_S = 1.0  # first delay before a series whose processing raised is tried again
+RETRY_MAX_S = 60.0  # the delay doubles per failure up to this
 
 
 class SeriesProcessor:
@@ -56,19 +61,25 @@ class SeriesProcessor:
         self.on_alert = on_alert
 
     def process(self, series_uid: str) -> SeriesResult | None:
-        """Record one revision of the series; None when the spool holds nothing new since the last one."""
+        """Record one revision of the series; None when the spool holds nothing new since the last one.
+
+        Raises what the store raises (the database is locked or gone): nothing is recorded then.
+        """
+        started_at = utcnow()
         paths = self.spool.instance_paths(series_uid)
         if not paths:
             return None
         with self.store.session() as session:
-            latest = latest_revision(session, series_uid)
-            if latest is not None and latest.status in FINAL_STATUSES and latest.instances == len(paths):
+            if not awaits_result(session, series_uid, len(paths)):
+                latest = latest_revision(session, series_uid)
                 log.info("series_unchanged", series_instance_uid=series_uid, revision=latest.revision)
                 return None
             series = read_series(series_uid, paths)
-            received_at = dt.datetime.fromtimestamp(min(p.stat().st_mtime for p in paths), dt.UTC)
-            facts = series_facts(series, len(paths), received_at.replace(tzinfo=None))
+            arrivals = [p.stat().st_mtime for p in paths]
+            facts = series_facts(series, len(paths), _utc(min(arrivals)))
             row = open_revision(session, facts)
+            row.last_instance_at = _utc(max(arrivals))
+            row.processing_started_at = started_at
             session.commit()
             bound = log.bind(series_instance_uid=series_uid, revision=row.revision)
             bound.info("series_processing", instances=len(paths))
@@ -129,19 +140,38 @@ class SeriesProcessor:
             bound.warning("series_failed", reason=row.reason)
 
 
-class WorkQueue:
-    """Bounded queue of series UIDs served by worker threads; a UID is queued at most once at a time."""
+def _utc(timestamp: float) -> dt.datetime:
+    """A file time (seconds since the epoch) as the store's naive UTC datetime."""
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).replace(tzinfo=None)
 
-    def __init__(self, process: Callable[[str], object], workers: int, max_queue: int):
+
+class WorkQueue:
+    """Bounded queue of series UIDs served by worker threads; a UID is queued at most once at a time.
+
+    When processing a series raises (the store failed: nothing was recorded), ``retry_later(uid, delay_s)``
+    gets it back to offer again after ``delay_s``: 1 s, 2 s, 4 s ... up to a minute, for as long as it fails.
+    """
+
+    def __init__(
+        self,
+        process: Callable[[str], object],
+        workers: int,
+        max_queue: int,
+        retry_later: Callable[[str, float], None],
+    ):
         self._process = process
+        self._retry_later = retry_later
         self._queue: queue.Queue[str | None] = queue.Queue(maxsize=max_queue)
         self._queued: set[str] = set()
         self._running: set[str] = set()
+        self._failures: dict[str, int] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._threads = [
             threading.Thread(target=self._work, name=f"qc-worker-{i}", daemon=True) for i in range(workers)
         ]
+
+    def start(self) -> None:
         for thread in self._threads:
             thread.start()
 
@@ -170,8 +200,13 @@ class WorkQueue:
                 self._running.add(uid)
             try:
                 self._process(uid)
-            except Exception:  # noqa: BLE001 - the processor records its failures; this guards the thread
-                log.exception("worker_error", series_instance_uid=uid)
+            except Exception:  # noqa: BLE001 - series failures are recorded rows; this is the store (or spool) failing
+                failures = self._failures[uid] = self._failures.get(uid, 0) + 1
+                delay_s = backoff_s(failures, RETRY_INITIAL_S, RETRY_MAX_S)
+                log.exception("series_retry_scheduled", series_instance_uid=uid, failures=failures, retry_in_s=delay_s)
+                self._retry_later(uid, delay_s)
+            else:
+                self._failures.pop(uid, None)
             finally:
                 with self._lock:
                     self._running.discard(uid)
@@ -191,7 +226,8 @@ class WorkQueue:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        for _ in self._threads:
+        started = [thread for thread in self._threads if thread.is_alive()]
+        for _ in started:
             self._queue.put(None)
-        for thread in self._threads:
+        for thread in started:
             thread.join()

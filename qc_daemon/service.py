@@ -3,7 +3,8 @@
 Start-up order: store (migrated) -> scorer (model checked; refuse to start on a bad model) -> spool recovery
 (every series in the spool that has no final result for all its instances is tracked again) -> workers ->
 alerts -> listener and drop folder. Stop (SIGTERM): stop accepting (listener, drop folder), let the series in
-progress finish, leave queued ones in the spool for the next start, stop alerts.
+progress finish, leave queued ones in the spool for the next start, stop alerts. The constructor only builds
+the parts; every thread is started by :meth:`Daemon.start`.
 """
 
 from __future__ import annotations
@@ -24,19 +25,19 @@ from qc_daemon.pipeline import SeriesProcessor, WorkQueue
 from qc_daemon.scorer import Scorer
 from qc_daemon.settings import Settings
 from qc_daemon.spool import Spool
-from qc_daemon.store import FINAL_STATUSES, Store, latest_revision
+from qc_daemon.store import BUSY_TIMEOUT_S, Store, awaits_result
 
 log = get_logger(__name__)
 RETENTION_EVERY_S = 3600.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings, tick_s: float = 0.5):
+    def __init__(self, settings: Settings, tick_s: float = 0.5, store_busy_timeout_s: float = BUSY_TIMEOUT_S):
         self.settings = settings
         self.tick_s = tick_s
         storage = settings.storage
         storage.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(storage.database)
+        self.store = Store(storage.database, busy_timeout_s=store_busy_timeout_s)
         self.scorer = Scorer(settings.scoring)
         self.spool = Spool(storage.spool_path)
         self.spool.clean_incoming()
@@ -51,7 +52,12 @@ class Daemon:
             archive_dir=storage.archive_path if storage.keep_nifti else None,
             on_alert=self.alerts.wake,
         )
-        self.work = WorkQueue(self.processor.process, settings.assembly.workers, settings.assembly.max_queue)
+        self.work = WorkQueue(
+            self.processor.process,
+            settings.assembly.workers,
+            settings.assembly.max_queue,
+            retry_later=lambda uid, delay_s: self.assembler.retry_later(uid, delay_s),
+        )
         self.assembler = Assembler(
             settings.assembly.quiet_period_s,
             settings.assembly.use_expected_count,
@@ -92,13 +98,12 @@ class Daemon:
 
     def awaits_result(self, series_uid: str) -> bool:
         """True while the spool holds instances of the series that no final result counts yet."""
-        count = len(self.spool.instance_paths(series_uid))
         with self.store.session() as session:
-            latest = latest_revision(session, series_uid)
-        return bool(count) and (latest is None or latest.status not in FINAL_STATUSES or latest.instances != count)
+            return awaits_result(session, series_uid, len(self.spool.instance_paths(series_uid)))
 
     def start(self) -> None:
         self.recover()
+        self.work.start()
         self._ticker.start()
         self.alerts.start()
         self.ae, self.server = start_listener(self.settings.dicom, self.intake)

@@ -3,7 +3,10 @@
 One row per series *revision* in ``series_results``: a late instance after scoring opens a new revision, so
 history is kept. Alerts live in an outbox table (``alerts``), one row per (revision, channel), written in the
 same transaction as the result they belong to, so a restart or an unreachable endpoint loses nothing.
-Times are naive UTC datetimes. Schema changes are numbered migrations in :data:`MIGRATIONS`.
+Times are naive UTC datetimes. Schema changes are Alembic revisions in ``qc_daemon/migrations/versions/``
+(batch mode on SQLite), applied when a :class:`Store` opens; revision 0001 is the frozen schema of release
+0.1.0, whose databases (a ``schema_version`` table, no ``alembic_version``) are stamped at 0001 and upgraded.
+A change to the models below needs a new revision: ``tests/test_migrations.py`` fails until it exists.
 """
 
 from __future__ import annotations
@@ -11,8 +14,16 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
-from collections.abc import Callable, Sequence
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from sqlalchemy import (
     JSON,
@@ -27,9 +38,10 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    func,
+    inspect,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -80,6 +92,10 @@ class SeriesResult(Base):
     instances: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime)
     completed_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+    # When the newest spooled instance arrived, when a worker took the series, when the outcome was stored:
+    # waiting for the quiet period, waiting in the queue and processing can be told apart.
+    last_instance_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    processing_started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     scored_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     status: Mapped[SeriesStatus] = mapped_column(Enum(SeriesStatus, native_enum=False, length=16), index=True)
     reason: Mapped[str | None] = mapped_column(Text)
@@ -108,6 +124,8 @@ class SeriesResult(Base):
             "instances": self.instances,
             "received_at": _iso(self.received_at),
             "completed_at": _iso(self.completed_at),
+            "last_instance_at": _iso(self.last_instance_at),
+            "processing_started_at": _iso(self.processing_started_at),
             "scored_at": _iso(self.scored_at),
             "status": self.status.value,
             "reason": self.reason,
@@ -142,30 +160,19 @@ class Alert(Base):
     result: Mapped[SeriesResult] = relationship(back_populates="alerts")
 
 
-class SchemaVersion(Base):
-    __tablename__ = "schema_version"
-    version: Mapped[int] = mapped_column(Integer, primary_key=True)
-    applied_at: Mapped[dt.datetime] = mapped_column(DateTime, server_default=func.current_timestamp())
-
-
-def _migration_1(conn: Connection) -> None:
-    Base.metadata.create_all(conn, tables=[SeriesResult.__table__, Alert.__table__])
-
-
-# Append new migrations; never edit an applied one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+BUSY_TIMEOUT_S = 30.0  # how long a write waits for another connection's lock before the database error
 
 
 class Store:
     """Engine and session factory for one database URL, migrated to the current schema on open."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, busy_timeout_s: float = BUSY_TIMEOUT_S):
         self.url = url
-        self.engine: Engine = create_engine(url, connect_args=_connect_args(url))
+        self.engine: Engine = create_engine(url, connect_args=_connect_args(url, busy_timeout_s))
         if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _sqlite_pragmas(busy_timeout_s))
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        migrate(self.engine)
+        self.revision = migrate(self.engine)
 
     def session(self) -> Session:
         return self.sessions()
@@ -174,28 +181,117 @@ class Store:
         self.engine.dispose()
 
 
-def _connect_args(url: str) -> dict:
-    return {"timeout": 30, "check_same_thread": False} if url.startswith("sqlite") else {}
+def _connect_args(url: str, busy_timeout_s: float) -> dict:
+    return {"timeout": busy_timeout_s, "check_same_thread": False} if url.startswith("sqlite") else {}
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cursor = dbapi_conn.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
+def _sqlite_pragmas(busy_timeout_s: float):
+    def set_pragmas(dbapi_conn, _record) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cursor.close()
+
+    return set_pragmas
 
 
-def migrate(engine: Engine) -> int:
-    """Apply the migrations not yet recorded in ``schema_version``; returns the schema version."""
-    with engine.begin() as conn:
-        SchemaVersion.__table__.create(conn, checkfirst=True)
-        current = conn.execute(select(func.max(SchemaVersion.version))).scalar() or 0
-        for version, step in enumerate(MIGRATIONS[current:], start=current + 1):
-            step(conn)
-            conn.execute(SchemaVersion.__table__.insert().values(version=version))
-    return len(MIGRATIONS)
+# ---- schema migrations ----------------------------------------------------------------------------------
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+RELEASE_0_1_0_REVISION = "0001"  # the schema release 0.1.0 made with its own ``schema_version`` table
+
+
+class SchemaError(RuntimeError):
+    """The database's schema is one this release cannot bring to its own."""
+
+
+def alembic_config() -> Config:
+    """Alembic's configuration, built in code: the migration scripts ship inside the package, no alembic.ini."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def database_revision(conn: Connection) -> str | None:
+    """The Alembic revision recorded in the database; None for an empty database or one made by 0.1.0."""
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(engine: Engine) -> str:
+    """Bring the database to the newest schema and return the revision it is at, as read back from it.
+
+    An SQLite file that needs an upgrade is first copied beside itself (``<file>.bak-<revision>``, kept if
+    present): SQLite's DDL is not transactional, so a failed upgrade can leave a half-changed file.
+    """
+    config = alembic_config()
+    with engine.connect() as conn:
+        current = database_revision(conn)
+        made_by_0_1_0 = current is None and _made_by_release_0_1_0(conn)
+    if made_by_0_1_0:
+        current = RELEASE_0_1_0_REVISION
+    if current is not None and current != head_revision():
+        _backup_sqlite(engine, suffix=f".bak-{current}")
+    with migration_connection(engine) as conn:
+        config.attributes["connection"] = conn
+        if made_by_0_1_0:
+            command.stamp(config, RELEASE_0_1_0_REVISION)
+        command.upgrade(config, "head")
+    with engine.connect() as conn:
+        return database_revision(conn)
+
+
+@contextmanager
+def migration_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection in a transaction for Alembic; on SQLite with foreign keys off meanwhile and checked after.
+
+    Batch mode rebuilds a table by copy, drop and rename, which an enforced foreign key onto it forbids; the
+    pragma is ignored inside a transaction, so it is set before one begins (Alembic's batch documentation).
+    """
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        try:
+            with conn.begin():
+                yield conn
+                if sqlite and (broken := conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()):
+                    raise SchemaError(f"the migration left {len(broken)} broken foreign key(s): {broken[:3]}")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
+
+
+def _made_by_release_0_1_0(conn: Connection) -> bool:
+    """True for a database migrated by release 0.1.0's own list: ``schema_version`` at 1, no Alembic table."""
+    if "schema_version" not in inspect(conn).get_table_names():
+        return False
+    version = conn.execute(text("SELECT max(version) FROM schema_version")).scalar()
+    if version != 1:
+        raise SchemaError(f"schema_version = {version!r}: only 1 (release 0.1.0) is known")
+    return True
+
+
+def _backup_sqlite(engine: Engine, suffix: str) -> None:
+    if engine.dialect.name != "sqlite" or not engine.url.database or engine.url.database == ":memory:":
+        return
+    source = Path(engine.url.database)
+    target = source.with_name(source.name + suffix)
+    if target.exists():
+        return  # an earlier attempt's copy is the one from before any change
+    src, dst = sqlite3.connect(source), sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
 
 
 # ---- series results ------------------------------------------------------------------------------------------
@@ -224,6 +320,17 @@ def latest_revision(session: Session, series_uid: str) -> SeriesResult | None:
         .order_by(SeriesResult.revision.desc())
         .limit(1)
     ).first()
+
+
+def awaits_result(session: Session, series_uid: str, spooled_instances: int) -> bool:
+    """True while the spool holds instances of the series that no final result counts yet.
+
+    That is: some are spooled and the newest revision is missing, still pending, or final for another count.
+    """
+    if not spooled_instances:
+        return False
+    latest = latest_revision(session, series_uid)
+    return latest is None or latest.status not in FINAL_STATUSES or latest.instances != spooled_instances
 
 
 def open_revision(session: Session, facts: SeriesFacts) -> SeriesResult:
@@ -311,6 +418,18 @@ def due_alerts(session: Session, channel: AlertChannel, now: dt.datetime, limit:
         .order_by(Alert.id)
         .limit(limit)
     ).all()
+
+
+def claim_alert(session: Session, alert_id: int, now: dt.datetime, lease_s: float) -> bool:
+    """Take a due alert for one delivery attempt: its next attempt moves ``lease_s`` ahead in one conditional
+    UPDATE, so two dispatchers (threads or daemons sharing the database) never deliver it at once."""
+    claimed = session.execute(
+        update(Alert)
+        .where(Alert.id == alert_id, Alert.state == AlertState.PENDING, Alert.next_attempt_at <= now)
+        .values(next_attempt_at=now + dt.timedelta(seconds=lease_s))
+    ).rowcount
+    session.commit()
+    return claimed == 1
 
 
 def alerts_for(session: Session, result_id: int) -> Sequence[Alert]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 import time
@@ -11,7 +12,7 @@ import numpy as np
 from dicom_factory import classic_series, phantom, write_series
 
 from qc_daemon.cli import main
-from qc_daemon.store import AlertState, SeriesStatus, Store, alerts_for, history, migrate, revisions
+from qc_daemon.store import AlertState, SeriesStatus, alerts_for, history, revisions
 
 
 def _wait_for(predicate, timeout_s=60.0):
@@ -122,6 +123,28 @@ def test_show_prints_revisions_with_patch_scores(daemon_factory, tmp_path, capsy
     assert main(["--config", str(config), "show", "1.2.3.4"]) == 1
 
 
+def test_history_and_show_json_carry_when_each_step_happened(daemon_factory, tmp_path, capsys):
+    from conftest import send_datasets
+
+    daemon = daemon_factory()
+    series = classic_series(phantom((40, 40, 20)))
+    send_datasets(series, daemon.port)
+    assert daemon.wait_idle(60)
+    newest_file_s = max(p.stat().st_mtime for p in daemon.spool.instance_paths(str(series[0].SeriesInstanceUID)))
+    config = tmp_path / "c.toml"
+    config.write_text(f'[storage]\nstate_dir = "{daemon.settings.storage.state_dir}"\n')
+    assert main(["--config", str(config), "history", "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert main(["--config", str(config), "show", str(series[0].SeriesInstanceUID), "--json"]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    steps = ("last_instance_at", "processing_started_at", "scored_at")
+    assert [shown[key] for key in steps] == [listed[key] for key in steps]
+    times = [dt.datetime.fromisoformat(listed[key]) for key in steps]
+    assert all(t.utcoffset() == dt.timedelta(0) for t in times)  # ISO 8601, UTC
+    assert times == sorted(times)  # arrived, then picked up, then stored
+    assert abs(times[0].timestamp() - newest_file_s) < 0.01  # the newest spooled instance's arrival
+
+
 def test_history_without_a_database_says_so(tmp_path, capsys):
     assert main(["--config", str(_config(tmp_path)), "history"]) == 1
     assert "no database yet" in capsys.readouterr().err
@@ -132,11 +155,3 @@ def test_echo_against_a_running_daemon(daemon_factory, capsys):
     assert main(["echo", "--port", str(daemon.port)]) == 0
     assert "success" in capsys.readouterr().out
     assert main(["echo", "--port", str(daemon.port), "--aet", "SOMEONE_ELSE"]) == 1
-
-
-def test_migrations_are_applied_once(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite3'}")
-    assert migrate(store.engine) == 1  # re-running changes nothing
-    with store.session() as session:
-        assert history(session) == []
-    store.close()

@@ -109,6 +109,19 @@ def test_assembler_completes_early_when_the_announced_count_is_in_the_spool():
     assert assembler.tick() == ["1.2.3"]
 
 
+def test_a_series_sent_back_for_a_retry_is_handed_over_again_after_its_delay():
+    clock, accepted = _Clock(), []
+    assembler = Assembler(10.0, True, submit=lambda uid: not accepted.append(uid), count_spooled=lambda uid: 5,
+                          clock=clock)
+    assembler.retry_later("1.2.3", delay_s=4.0)
+    assert assembler.receiving() == ["1.2.3"]  # tracked (so the daemon is not idle), not yet due
+    clock.now = 3.9
+    assert assembler.tick() == []
+    clock.now = 4.0
+    assert assembler.tick() == ["1.2.3"] and accepted == ["1.2.3"]
+    assert assembler.receiving() == []
+
+
 def test_images_in_acquisition_completes_a_series_without_waiting(daemon_factory):
     daemon = daemon_factory(assembly={"quiet_period_s": 3600.0})
     series = classic_series(phantom((40, 40, 20)), images_in_acquisition=True)

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -244,3 +245,39 @@ def test_retention_removes_old_instances_and_keeps_results(daemon_factory):
     assert daemon.spool.instance_paths(uid) == []
     assert not Path(row.nifti_path).exists()
     assert _rows(daemon, uid)[0].score == row.score
+
+
+def test_a_series_hit_by_a_locked_database_is_retried_without_a_restart(tmp_path, log_stream):
+    """The store refuses writes for a while (another connection holds the write lock): the series is offered
+    again with a growing delay, and its result appears once the lock is gone, with no restart."""
+    settings = make_settings(tmp_path, assembly={"quiet_period_s": 0.1})
+    daemon = Daemon(settings, tick_s=0.05, store_busy_timeout_s=0.2)
+    daemon.start()
+    locker = sqlite3.connect(settings.storage.state_dir / "qc.sqlite3", isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        series = classic_series(phantom((40, 40, 20)))
+        uid = str(series[0].SeriesInstanceUID)
+        assert send_datasets(series, daemon.port) == [0] * 20  # the spool takes them; the store is not needed
+
+        def retries() -> list[dict]:
+            events = [json.loads(line) for line in log_stream.getvalue().splitlines()]
+            return [e for e in events if e.get("event") == "series_retry_scheduled"]
+
+        deadline = time.monotonic() + 60
+        while len(retries()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first, second = retries()[:2]
+        assert first["series_instance_uid"] == uid and "database is locked" in first["exception"]
+        assert (first["failures"], second["failures"]) == (1, 2)
+        assert second["retry_in_s"] == 2 * first["retry_in_s"]
+        assert _rows(daemon, uid) == []  # nothing recorded while locked
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    try:
+        assert daemon.wait_idle(60)
+        (row,) = _rows(daemon, uid)
+        assert (row.revision, row.status, row.instances) == (1, SeriesStatus.SCORED, 20)
+    finally:
+        daemon.stop()
