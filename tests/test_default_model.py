@@ -17,15 +17,23 @@ from qc_daemon.scorer import Scorer
 from qc_daemon.settings import ScoringSettings
 from qc_daemon.volume import Volume, load_nifti
 
-pytestmark = pytest.mark.shared_data
 HELD_OUT = ["ds000011/sub-03_T1w.nii.gz", "ds002748/sub-09_T1w.nii.gz"]
+
+
+def _require_trained(scorer: Scorer) -> None:
+    # ``python -m export bundle`` writes an untrained placeholder (calibration "untrained"): never ship one.
+    assert scorer.info.calibration.label_name != "untrained", f"{scorer.path} is the untrained placeholder"
+    assert not scorer.info.training_data.startswith("none"), f"{scorer.path}: {scorer.info.training_data}"
+
+
+def test_bundled_model_is_trained():
+    _require_trained(Scorer(ScoringSettings()))
 
 
 @pytest.fixture(scope="module")
 def scorer():
     scorer = Scorer(ScoringSettings())
-    if scorer.info.calibration.label_name == "untrained":
-        pytest.skip("the bundled model is the untrained placeholder")
+    _require_trained(scorer)
     return scorer
 
 
@@ -37,6 +45,7 @@ def _rician(data: np.ndarray, sigma: float, rng) -> np.ndarray:
     return np.sqrt((data + rng.normal(0, sigma, data.shape)) ** 2 + rng.normal(0, sigma, data.shape) ** 2)
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("name", HELD_OUT)
 def test_clean_scans_score_high_and_noise_lowers_the_score(scorer, name):
     volume = load_nifti(shared_data("t1w", name))
@@ -48,6 +57,7 @@ def test_clean_scans_score_high_and_noise_lowers_the_score(scorer, name):
     assert all(a > b for a, b in itertools.pairwise(scores)), scores
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("name", HELD_OUT)
 def test_blur_lowers_the_score_as_it_worsens(scorer, name):
     volume = load_nifti(shared_data("t1w", name))
@@ -69,6 +79,7 @@ def _motion(data: np.ndarray, shift_mm: float, still_band: float, spacing_mm) ->
     return np.abs(np.fft.ifftn(np.where(outside, moved, k)))
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("name", HELD_OUT)
 def test_motion_lowers_the_score_as_it_worsens(scorer, name):
     volume = load_nifti(shared_data("t1w", name))
@@ -84,6 +95,7 @@ def test_motion_lowers_the_score_as_it_worsens(scorer, name):
     assert scores[-1] < scores[0] - 0.15, scores
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("name", ["philips_elitionx_t1_mprage_3d", "siemens_prisma_t1_2d_sag"])
 def test_real_clinical_scans_from_other_sites_do_not_alert(scorer, name):
     """Good clinical T1 scans from scanners and sequences the model never saw must not raise a false alarm."""
