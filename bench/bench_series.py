@@ -36,11 +36,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     configure_logging(LoggingSettings(level="warning"), stream=sys.stderr)
-    if args.dicom2nifti_original:
-        import dicom2nifti.common
-        import importlib
-
-        importlib.reload(dicom2nifti.common)  # drops the daemon's copy-free replacement
     paths = sorted(p for p in args.folder.rglob("*") if p.is_file())
     scorer = Scorer(ScoringSettings())
     stages: dict[str, list[float]] = {"read": [], "classify": [], "build_volume": [], "score": [], "total": []}
@@ -50,7 +45,7 @@ def main() -> None:
         t1 = time.perf_counter()
         series = classify(series, 16)
         t2 = time.perf_counter()
-        volume = build_volume(series)
+        volume = build_volume(series, copy_free=not args.dicom2nifti_original)
         t3 = time.perf_counter()
         scorer.score_volume(volume)
         t4 = time.perf_counter()

@@ -7,4 +7,9 @@ cd "$(dirname "$0")/.."
 bash deploy/setup-venv.sh
 config=()
 if [ "${1:-}" = "--config" ]; then config=(--config "$2"); shift 2; fi
+cat >&2 <<EOF
+qc-daemon is installed as $PWD/.venv/bin/qc-daemon (not on PATH). To type \`qc-daemon\` in another terminal:
+    mkdir -p ~/.local/bin && ln -sf "$PWD/.venv/bin/qc-daemon" ~/.local/bin/qc-daemon
+(Do not \`source .venv/bin/activate\` for that: it puts pynetdicom's storescu/echoscu in front of DCMTK's.)
+EOF
 exec .venv/bin/qc-daemon "${config[@]}" serve "$@"

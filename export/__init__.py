@@ -1,7 +1,7 @@
 """Export HyS-net checkpoints to ONNX files that satisfy :mod:`qc_daemon.model_contract`.
 
 ``python -m export model CHECKPOINT --out FILE.onnx``, ``python -m export parity FILE.onnx CHECKPOINT``,
-``python -m export graph FILE.onnx``, ``python -m export bundle``; see :mod:`export.__main__`.
+``python -m export graph FILE.onnx``, ``python -m export bundle --out FILE.onnx``; see :mod:`export.__main__`.
 """
 
 from export.graph_check import GraphCheck, GraphCheckError, dynamic_matmuls, require_dynamic_matmuls

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from export.bundle import DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WIDTH, build_bundle
+from export.bundle import DEFAULT_SEED, DEFAULT_WIDTH, build_bundle
 from export.graph_check import GraphCheckError, inspect_graph
 from export.onnx_export import DEFAULT_OPSET, ExportError, ExportResult, export_checkpoint, parity_for_checkpoint
 from export.parity import MAX_ATOL, MAX_RTOL, ParityConfig, ParityError
@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p_graph = sub.add_parser("graph", help="show the target layers' computed-weight MatMuls (raw and ORT-optimised)")
     p_graph.add_argument("onnx", type=Path)
 
-    p_bundle = sub.add_parser("bundle", help="export the seeded, untrained placeholder default model")
-    p_bundle.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p_bundle = sub.add_parser("bundle", help="export a seeded, untrained placeholder model (scores mean nothing)")
+    p_bundle.add_argument("--out", type=Path, required=True)
+    p_bundle.add_argument("--force", action="store_true", help="allow --out to be the shipped trained model")
     p_bundle.add_argument("--width", type=int, default=DEFAULT_WIDTH)
     p_bundle.add_argument("--seed", type=int, default=DEFAULT_SEED)
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.onnx}: not all of fc1..fc3 are computed-weight MatMuls", file=sys.stderr)
                 return 1
         elif args.command == "bundle":
-            print(_summary(build_bundle(args.out, width=args.width, seed=args.seed)))
+            print(_summary(build_bundle(args.out, width=args.width, seed=args.seed, force=args.force)))
     except ParityError as exc:
         if exc.report is not None:
             print(exc.report.to_json(), file=sys.stderr)

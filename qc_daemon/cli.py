@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument("--calling-aet", default="QC_ECHO")
     echo.set_defaults(run=cmd_echo)
 
+    _add_send_parser(sub)
+
     check = sub.add_parser("check-config", help="validate the configuration and the model, print the result")
     check.set_defaults(run=cmd_check_config)
     return parser
@@ -278,6 +280,36 @@ def cmd_echo(args, settings: Settings) -> int:
         raise CliError(f"C-ECHO to {called}@{args.host}:{port} answered {code!r}")
     print(f"C-ECHO to {called}@{args.host}:{port}: success")
     return 0
+
+
+def _add_send_parser(sub) -> None:
+    send = sub.add_parser("send", help="C-STORE a folder's DICOM files as stored, each in its own transfer syntax")
+    send.add_argument("folder", type=Path)
+    send.add_argument("-r", "--recursive", action="store_true", help="include subfolders")
+    send.add_argument("--host", default="127.0.0.1")
+    send.add_argument("--port", type=int, default=None, help="default: the configured dicom.port")
+    send.add_argument("--aet", default=None, help="called AE title (default: the configured dicom.ae_title)")
+    send.add_argument("--calling-aet", default="QC_SEND")
+    send.set_defaults(run=cmd_send)
+
+
+def cmd_send(args, settings: Settings) -> int:
+    """Exit 0 when every instance was stored (success or warning), 1 when any failed or none was found."""
+    from qc_daemon.storage_scu import read_dicom_files, send_files
+
+    if not args.folder.is_dir():
+        raise CliError(f"{args.folder} is not a folder")
+    files, skipped = read_dicom_files(args.folder, recursive=args.recursive)
+    if not files:
+        raise CliError(f"no DICOM instances in {args.folder}" + ("" if args.recursive else " (subfolders: -r)"))
+    port = args.port if args.port is not None else settings.dicom.port
+    report = send_files(
+        files, args.host, port, called_aet=args.aet or settings.dicom.ae_title, calling_aet=args.calling_aet,
+        timeout_s=settings.dicom.network_timeout_s,
+    )
+    report.skipped = skipped
+    print("\n".join(report.summary_lines()))
+    return 0 if report.ok else 1
 
 
 def cmd_check_config(args, settings: Settings) -> int:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.metadata
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +21,16 @@ from dicom2nifti.exceptions import ConversionError, ConversionValidationError
 
 from qc_daemon.series import SeriesFailed, SeriesSkipped, SpooledSeries
 
-# Gantry-tilted or non-orthogonal stacks are resampled by dicom2nifti instead of being refused.
-dicom2nifti.settings.enable_resampling()
-dicom2nifti.settings.set_resample_spline_interpolation_order(1)
+# dicom2nifti releases whose ``common.get_volume_pixeldata`` the copy-free replacement below was checked against
+# (tests/test_volume.py compares the two; pyproject.toml pins the same range). Any other: upstream is used.
+CHECKED_DICOM2NIFTI = (2, 6)
+UPSTREAM_GET_VOLUME_PIXELDATA = dicom2nifti.common.get_volume_pixeldata
+
+
+@functools.cache
+def _dicom2nifti_version() -> tuple[int, int]:
+    major, minor = importlib.metadata.version("dicom2nifti").split(".")[:2]
+    return int(major), int(minor)
 
 
 def _volume_pixeldata_without_copies(sorted_slices):
@@ -42,7 +54,39 @@ def _volume_pixeldata_without_copies(sorted_slices):
     return np.transpose(volume, (2, 1, 0))
 
 
-dicom2nifti.common.get_volume_pixeldata = _volume_pixeldata_without_copies
+_swap_lock = threading.Lock()
+_swap_users = 0
+
+
+@contextlib.contextmanager
+def copy_free_pixel_reading(enabled: bool = True) -> Iterator[None]:
+    """While inside, dicom2nifti reads pixel data with :func:`_volume_pixeldata_without_copies`.
+
+    dicom2nifti looks the function up as ``common.get_volume_pixeldata`` at each call, so it is swapped in that
+    module; worker threads share one swap (counted), and the last to leave puts upstream's back. Nothing is
+    swapped when ``enabled`` is false or the installed dicom2nifti is not the checked release.
+    """
+    global _swap_users
+    swap = enabled and _dicom2nifti_version() == CHECKED_DICOM2NIFTI
+    if swap:
+        with _swap_lock:
+            if _swap_users == 0:
+                dicom2nifti.common.get_volume_pixeldata = _volume_pixeldata_without_copies
+            _swap_users += 1
+    try:
+        yield
+    finally:
+        if swap:
+            with _swap_lock:
+                _swap_users -= 1
+                if _swap_users == 0:
+                    dicom2nifti.common.get_volume_pixeldata = UPSTREAM_GET_VOLUME_PIXELDATA
+
+
+def _configure_dicom2nifti() -> None:
+    # Gantry-tilted or non-orthogonal stacks are resampled by dicom2nifti instead of being refused.
+    dicom2nifti.settings.enable_resampling()
+    dicom2nifti.settings.set_resample_spline_interpolation_order(1)
 
 
 @dataclass(frozen=True)
@@ -67,13 +111,19 @@ def volume_from_nifti(image: nib.spatialimages.SpatialImage) -> Volume:
     return Volume(data=data, spacing_mm=zooms, affine=canonical.affine)
 
 
-def build_volume(series: SpooledSeries, keep_nifti_as: Path | None = None) -> Volume:
-    """Convert with dicom2nifti; validation refusals become SeriesSkipped, other errors SeriesFailed."""
+def build_volume(series: SpooledSeries, keep_nifti_as: Path | None = None, copy_free: bool = True) -> Volume:
+    """Convert with dicom2nifti; validation refusals become SeriesSkipped, other errors SeriesFailed.
+
+    ``copy_free``: read pixel data without dicom2nifti's per-slice deep copies (same result, see
+    :func:`copy_free_pixel_reading`).
+    """
+    _configure_dicom2nifti()
     workdir = Path(tempfile.mkdtemp(prefix="qc-volume-"))
     try:
         out_file = workdir / "volume.nii"  # uncompressed: dicom2nifti writes it twice, gzip would cost seconds
         try:
-            result = dicom2nifti.convert_dicom.dicom_array_to_nifti(list(series.datasets), str(out_file), True)
+            with copy_free_pixel_reading(copy_free):
+                result = dicom2nifti.convert_dicom.dicom_array_to_nifti(list(series.datasets), str(out_file), True)
         except ConversionValidationError as exc:
             raise SeriesSkipped(f"dicom2nifti refused the series: {exc}") from exc
         except ConversionError as exc:

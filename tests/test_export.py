@@ -25,7 +25,7 @@ from export import (  # noqa: E402
     read_model_info,
 )
 from export.__main__ import main  # noqa: E402
-from export.bundle import DEFAULT_OUT, PLACEHOLDER_LABEL, build_bundle  # noqa: E402
+from export.bundle import PLACEHOLDER_LABEL, SHIPPED_MODEL, build_bundle  # noqa: E402
 from export.graph_check import computed_weight_matmuls  # noqa: E402
 from export.parity import check_parity  # noqa: E402
 from qc_daemon.model_contract import (  # noqa: E402
@@ -227,13 +227,24 @@ def test_bundle_at_patch_96(tmp_path) -> None:
     assert again.info.sha256 == info.sha256
 
 
+def test_bundle_refuses_to_overwrite_the_shipped_model(tmp_path) -> None:
+    before = SHIPPED_MODEL.read_bytes()
+    roundabout = SHIPPED_MODEL.parent / ".." / "models" / SHIPPED_MODEL.name
+    with pytest.raises(ExportError, match="shipped trained model"):
+        build_bundle(roundabout, width=WIDTH)
+    assert main(["bundle", "--out", str(SHIPPED_MODEL), "--width", str(WIDTH)]) == 1
+    with pytest.raises(SystemExit) as no_out:  # --out is required: no default path to overwrite by accident
+        main(["bundle"])
+    assert no_out.value.code == 2
+    assert SHIPPED_MODEL.read_bytes() == before
+
+
 def test_shipped_default_model_is_valid() -> None:
-    if not DEFAULT_OUT.exists():
-        pytest.skip(f"{DEFAULT_OUT} not built (python -m export bundle)")
-    proto = onnx.load(str(DEFAULT_OUT))
+    assert SHIPPED_MODEL.exists(), f"{SHIPPED_MODEL} is missing: the package ships a trained model"
+    proto = onnx.load(str(SHIPPED_MODEL))
     info = ModelInfo.from_metadata({p.key: p.value for p in proto.metadata_props})
     assert info.architecture == "hysnet-r18-3d-hyper" and info.patch_size == 96 and info.input_kind == "patch3d"
     assert info.parity.passed
     assert onnx_weights_sha256(proto) == info.sha256
-    assert DEFAULT_OUT.stat().st_size < 10_000_000
-    assert json.loads(parity_json_path(DEFAULT_OUT).read_text())["sha256"] == info.sha256
+    assert SHIPPED_MODEL.stat().st_size < 10_000_000
+    assert json.loads(parity_json_path(SHIPPED_MODEL).read_text())["sha256"] == info.sha256

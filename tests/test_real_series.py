@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
 from conftest import send_datasets, shared_data
+from dcmtk_tools import dcmtk_tool
 
 from qc_daemon.store import SeriesStatus, history
 
 pytestmark = pytest.mark.shared_data
+STORESCU = dcmtk_tool("storescu")  # not pynetdicom's storescu, which an activated .venv puts first on PATH
 
 EXPECTED = {
     "philips_elitionx_t1_mprage_3d": (SeriesStatus.SCORED, None),
@@ -68,12 +69,12 @@ def _send_as_is(datasets, port):
 
 
 @pytest.mark.dcmtk
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
+@pytest.mark.skipif(STORESCU is None, reason="DCMTK storescu not installed")
 def test_philips_t1_from_dcmtk_storescu(daemon_factory):
     folder = shared_data("dicom", "philips_elitionx_t1_mprage_3d")
     daemon = daemon_factory()
     done = subprocess.run(
-        ["storescu", "-aet", "MR_SCANNER", "-aec", "QC_DAEMON", "127.0.0.1", str(daemon.port), "+sd", str(folder)],
+        [STORESCU, "-aet", "MR_SCANNER", "-aec", "QC_DAEMON", "127.0.0.1", str(daemon.port), "+sd", str(folder)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
@@ -95,7 +96,7 @@ STORESCU_PROPOSAL = {
 
 
 @pytest.mark.dcmtk
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
+@pytest.mark.skipif(STORESCU is None, reason="DCMTK storescu not installed")
 def test_transfer_syntaxes_from_dcmtk(daemon_factory):
     """The mosaic image in all nine transfer syntaxes is accepted as sent (and the series is skipped)."""
     folder = shared_data("dicom", "siemens_trio_mosaic_transfer_syntaxes")
@@ -105,7 +106,7 @@ def test_transfer_syntaxes_from_dcmtk(daemon_factory):
         syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
         flag = STORESCU_PROPOSAL.get(syntax, "-R")
         done = subprocess.run(
-            ["storescu", flag, "-aec", "QC_DAEMON", "127.0.0.1", str(daemon.port), str(path)],
+            [STORESCU, flag, "-aec", "QC_DAEMON", "127.0.0.1", str(daemon.port), str(path)],
             capture_output=True, text=True, timeout=120,
         )
         assert done.returncode == 0, (syntax, done.stderr)

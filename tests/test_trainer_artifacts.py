@@ -100,7 +100,7 @@ def test_head_mask_covers_the_phantom(volume):
 def test_classical_iqms_react_to_noise(volume):
     from qc_daemon.model_contract import Normalisation
     from qc_daemon.preprocess import normalise
-    from trainer.evaluate import IQM_NAMES, classical_iqms
+    from trainer.baseline import IQM_NAMES, classical_iqms
 
     clean = classical_iqms(normalise(volume, Normalisation()))
     noisy = classical_iqms(normalise(artifacts.degrade(volume, SPACING, "noise", 4, seed=0)[0], Normalisation()))

@@ -137,7 +137,7 @@ def test_shared_data_is_found():
 
 def test_sanity_plot_from_json(tmp_path):
     pytest.importorskip("matplotlib")
-    from trainer.evaluate import sanity_plot
+    from trainer.sanity import sanity_plot
 
     scores = np.linspace(1.0, 0.3, 5)[None, None, :].repeat(2, axis=0).repeat(6, axis=1)
     data = {
@@ -155,7 +155,7 @@ def test_sanity_plot_from_json(tmp_path):
 
 def test_ablation_writes_table1_and_resumes(tmp_path):
     from trainer.__main__ import main
-    from trainer.evaluate import run_ablation
+    from trainer.ablation import run_ablation
 
     config = tiny_config(tmp_path)
     grid = [("2d", "plain", 18), ("3d", "hyper", 18)]
@@ -179,3 +179,43 @@ def test_ablation_writes_table1_and_resumes(tmp_path):
     assert (tmp_path / "table1" / "r18-3d-hyper" / "best.pt").stat().st_mtime_ns == stamp
 
     assert main(["ablation", "--rows", "r99-3d-hyper", "--out", str(prefix)]) == 2
+
+
+def test_sanity_scores_through_the_daemons_scorer_and_its_model_checks(tmp_path):
+    pytest.importorskip("matplotlib")
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    from export.onnx_export import export_checkpoint
+    from export.parity import ParityConfig
+    from trainer.__main__ import main
+
+    best = train(tiny_config(tmp_path))
+    model = tmp_path / "tiny.onnx"
+    export_checkpoint(best, model, parity=ParityConfig(trials=1))
+    out = tmp_path / "sanity" / "s"
+
+    assert main(["sanity", str(model), "--checkpoint", str(best), "--out", str(out), "--per-dataset", "1"]) == 0
+    scores = np.asarray(json.loads(out.with_suffix(".json").read_text())["scores"])
+    assert scores.shape[0] == 2 and ((scores >= 0) & (scores <= 1)).all()
+
+    # weights that no longer match qc.sha256: the daemon would refuse the file, and so does the sanity table
+    proto = onnx.load(str(model))
+    weight = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) + 1.0, weight.name))
+    onnx.save(proto, str(model))
+    assert main(["sanity", str(model), "--checkpoint", str(best), "--out", str(out), "--per-dataset", "1"]) == 1
+
+
+def test_baseline_and_pca_commands_run_on_a_tiny_checkpoint(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    from trainer.__main__ import main
+
+    best = train(tiny_config(tmp_path))
+    table2 = tmp_path / "table2"
+    assert main(["baseline", str(best), "--out", str(table2), "--max-train", "8"]) == 0
+    assert "| IQMs + random forest" in table2.with_suffix(".md").read_text()
+    figure = tmp_path / "fig3.png"
+    assert main(["pca", str(best), "--out", str(figure)]) == 0
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

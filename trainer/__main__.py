@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_checkpoint(args.checkpoint, args.out, data_config=args.data_config, n_boot=args.n_boot)
             print(Path(args.out).read_text())
         elif args.command == "ablation":
-            from trainer.evaluate import ABLATION_GRID, ablation_row_name, run_ablation
+            from trainer.ablation import ABLATION_GRID, ablation_row_name, run_ablation
 
             grid = ABLATION_GRID
             if args.rows:
@@ -98,18 +98,23 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(Path(args.out + ".md").read_text())
         elif args.command == "baseline":
-            from trainer.evaluate import classical_baseline
+            from trainer.baseline import classical_baseline
 
             classical_baseline(args.checkpoint, args.out, max_train=args.max_train)
             print(Path(args.out + ".md").read_text())
         elif args.command == "pca":
-            from trainer.evaluate import pca_figure
+            from trainer.pca import pca_figure
 
             print(pca_figure(args.checkpoint, args.out))
         elif args.command == "sanity":
-            from trainer.evaluate import sanity_check
+            from qc_daemon.scorer import ModelError
+            from trainer.sanity import sanity_check
 
-            sanity_check(args.model, args.checkpoint, args.out, per_dataset=args.per_dataset, at=args.at)
+            try:
+                sanity_check(args.model, args.checkpoint, args.out, per_dataset=args.per_dataset, at=args.at)
+            except ModelError as exc:  # the daemon would refuse this model too
+                print(f"model refused: {exc}", file=sys.stderr)
+                return 1
             print(Path(args.out + ".md").read_text())
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
