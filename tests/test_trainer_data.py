@@ -7,9 +7,6 @@ import json
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.torch
-pytest.importorskip("torch")
-pytest.importorskip("torchio")
 nib = pytest.importorskip("nibabel")
 
 from qc_daemon.model_contract import ScoreCalibration
@@ -22,6 +19,7 @@ from trainer.data import (
     read_manifest,
     split_items,
 )
+from trainer.acquisition import IDENTITY
 
 
 def write_phantoms(root, n_subjects, shape=(36, 36, 36), spacing=2.0, seed=0):
@@ -47,18 +45,33 @@ def items_for(groups, versions=3):
     ]
 
 
-def test_calibration_round_trip():
-    data = DataSection()
-    items = items_for([("a", str(i)) for i in range(10)], versions=5)
+def test_calibration_is_anchored_per_kind_to_the_repeat_severity():
+    from trainer.artifacts import REPEAT_SEVERITY
+    from trainer.data import target_score
+
+    data = DataSection(kinds=("noise", "ghosting", "bias"))
+    # noise lowers SSIM much more than ghosting at the same physical severity
+    items = [
+        VolumeItem(f"{kind}{i}_{s}.npy", "a", str(i), kind, s, 1.0 - drop * s)
+        for i in range(6)
+        for kind, drop in (("noise", 0.06), ("ghosting", 0.01), ("bias", 0.001))
+        for s in range(1, 6)
+    ]
     calibration = fit_calibration(items, data)
-    assert calibration.label_at_1 == 1.0 and calibration.label_at_0 < 1.0
-    assert calibration.score_from_label(1.0) == 1.0
-    for label in (0.7, 0.8, 0.95):
-        score = calibration.score_from_label(label)
-        assert 0.0 <= score <= 1.0
-        assert calibration.label_from_score(score) == pytest.approx(label)
+    repeat = {k: 1.0 - d * REPEAT_SEVERITY for k, d in (("noise", 0.06), ("ghosting", 0.01))}
+    for kind, label in repeat.items():  # a scan to repeat scores the same whatever the kind
+        assert calibration.score_from_label(label, kind) == pytest.approx(data.calib_repeat_score)
+        assert calibration.score_from_label(1.0, kind) == 1.0
+        assert calibration.label_from_score(calibration.score_from_label(0.985, kind), kind) == pytest.approx(0.985)
+    # bias is not anchored to its own (tiny) SSIM drop: a shading is no reason to repeat a scan
+    assert calibration.score_from_label(1.0 - 0.001 * REPEAT_SEVERITY, "bias") > 0.95
+    # a mixture takes the most lenient of its parts' curves; a clean version is 1
+    mixture = VolumeItem("m.npy", "a", "0", "mixture", 3, 0.93, ({"kind": "noise"}, {"kind": "ghosting"}))
+    assert target_score(mixture, calibration) == calibration.score_from_label(0.93, "noise")
+    assert target_score(items_for([("a", "0")], 1)[0], calibration) == 1.0
     restored = ScoreCalibration.from_json(calibration.to_json())
     assert restored == calibration
+    assert ScoreCalibration.from_json(ScoreCalibration("old", 0.4, 1.0).to_json()).anchors == ()
     # table target where lower is better: higher label -> lower score
     table = DataSection(source="table", table="x.tsv", target="cjv", higher_is_better=False)
     rated = [VolumeItem(f"{i}.npy", "t", str(i), "rated", 0, float(i)) for i in range(20)]
@@ -140,25 +153,31 @@ def test_table_cache(tmp_path):
     json.loads(items[0].to_json())
 
 
-def test_contrast_variation_is_recorded_and_labelled_against_its_own_clean(tmp_path):
-    from trainer.data import draw_gamma, with_contrast
-
-    write_phantoms(tmp_path / "dsX", 2)
-    base = {"roots": (str(tmp_path / "dsX"),), "spacing_mm": (3.0, 3.0, 3.0), "kinds": ("noise",), "max_severity": 1}
-    data = DataSection(cache_dir=str(tmp_path / "cache"), contrast_gamma=(0.67, 1.5), mixtures_per_subject=0, **base)
+def test_versions_are_reacquired_and_labelled_against_their_own_clean(tmp_path):
+    write_phantoms(tmp_path / "dsX", 2, shape=(40, 40, 40), spacing=1.0)
+    base = dict(
+        roots=(str(tmp_path / "dsX"),), spacing_mm=(2.0, 2.0, 2.0), kinds=("noise", "blur"), max_severity=5
+    )
+    data = DataSection(
+        cache_dir=str(tmp_path / "cache"), acquisition=True, versions_per_subject=6, mixtures_per_subject=1, **base
+    )
     items = build_cache(data)
-    gammas = [i.gamma for i in items]
-    assert all(0.67 <= g <= 1.5 for g in gammas) and len(set(gammas)) == len(gammas)
-    assert all(i.label == 1.0 for i in items if i.kind == "clean")  # the clean scan at its own contrast
-    assert all(i.label < 1.0 for i in items if i.kind == "noise")
-    plain = build_cache(DataSection(cache_dir=str(tmp_path / "plain"), mixtures_per_subject=0, **base))
-    assert {i.gamma for i in plain} == {1.0}
-    # a different contrast range is a different cache: the fingerprint wipes and rebuilds it
-    other = build_cache(DataSection(cache_dir=str(tmp_path / "cache"), contrast_gamma=(1.0, 1.0), **base))
-    assert {i.gamma for i in other} == {1.0}
+    assert len(items) == 2 * 6
+    assert [i.kind for i in items[:6]][:2] == ["clean", "clean"] and items[5].kind == "mixture"
+    assert all(i.label == 1.0 for i in items if i.kind == "clean")  # the clean scan at its own acquisition
+    assert all(i.label < 1.0 for i in items if i.kind != "clean")
+    assert len({json.dumps(i.acquisition, sort_keys=True) for i in items}) > 1  # each version re-acquired
+    # without re-acquisition, the acquisition is the identity; a different setting is a different cache
+    plain = build_cache(DataSection(cache_dir=str(tmp_path / "cache"), versions_per_subject=4, **base))
+    assert len(plain) == 2 * 4
+    assert {json.dumps(i.acquisition, sort_keys=True) for i in plain} == {json.dumps(IDENTITY.to_dict(), sort_keys=True)}
 
-    v = np.array([0.0, 25.0, 50.0, 100.0], dtype=np.float32)
-    assert np.array_equal(with_contrast(v, 1.0), v)
-    brighter, darker = with_contrast(v, 0.5), with_contrast(v, 2.0)
-    assert brighter[0] == 0.0 and brighter[1] > v[1] > darker[1] and brighter[3] == pytest.approx(v[3], rel=0.02)
-    assert draw_gamma((1.0, 1.0), 3) == 1.0 and draw_gamma((0.5, 2.0), 3) == draw_gamma((0.5, 2.0), 3)
+
+def test_single_subject_datasets_get_more_versions(tmp_path):
+    from trainer.data import find_clean_subjects, versions_for
+
+    write_phantoms(tmp_path / "big", 4)
+    write_phantoms(tmp_path / "one", 1)
+    subjects = find_clean_subjects([tmp_path / "big", tmp_path / "one"])
+    data = DataSection(versions_per_subject=5, min_versions_per_dataset=12)
+    assert versions_for(subjects, data) == {"big": 5, "one": 12}

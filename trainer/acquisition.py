@@ -22,6 +22,7 @@ the re-acquired clean scan, so it stays exactly 1 for a clean version.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +44,8 @@ class Acquisition:
     floor_seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON types (lists, not tuples), as it reads back from a manifest."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 IDENTITY = Acquisition()
