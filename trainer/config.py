@@ -24,6 +24,7 @@ from pydantic import AfterValidator, Field, model_validator
 from qc_daemon.config_base import InvalidValue, Section, read_toml, validate_toml
 from qc_daemon.settings import Device
 
+
 class ConfigError(ValueError):
     """A bad configuration; the message starts with the offending key (``section.key``)."""
 
@@ -187,8 +188,8 @@ class TrainConfig(Section):
     def to_model_config(self):  # -> trainer.model.ModelConfig (imported lazily: torch)
         from trainer.model import ModelConfig
 
-        return ModelConfig(depth=self.model.depth, spatial=self.model.spatial, head=self.model.head,
-                           width=self.model.width)
+        m = self.model
+        return ModelConfig(depth=m.depth, spatial=m.spatial, head=m.head, width=m.width)
 
 
 def load_config(path: str | Path) -> TrainConfig:
