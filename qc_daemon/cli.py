@@ -1,68 +1,105 @@
 """``qc-daemon``: run the node, ask it about history, score a file offline, echo a node, check a config.
 
-Exit codes: 0 success, 1 the command failed (message on stderr), 2 bad usage or configuration.
+Exit codes (deploy/README.md lists them too): 0 success; 1 the command failed (message on stderr); 2 bad usage
+or a configuration error; 3 ``serve`` cannot open its DICOM port (in use, or not permitted); 141 the reader of
+our output went away (``qc-daemon history | head -2``), as for a tool ended by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import json
+import os
 import re
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from qc_daemon.settings import Settings, SettingsError, load_settings
+from qc_daemon.settings import LoggingSettings, LogLevel, Settings, SettingsError, load_settings
 
-DEFAULT_CONFIG_PATHS = (Path("/etc/qc-daemon/config.toml"),)
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2  # also argparse's status for bad usage
+EXIT_CANNOT_LISTEN = 3
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+CONFIG_ENV = "QC_DAEMON_CONFIG"  # the config file to read when --config is not given
+DEFAULT_CONFIG_PATH = Path("/etc/qc-daemon/config.toml")  # read when it exists and neither of those is set
 
 
 class CliError(Exception):
     pass
 
 
+class CannotListen(Exception):
+    pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+    except BrokenPipeError:
+        # Python's recipe (library/signal.html, "Note on SIGPIPE"): no traceback, no second error at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
     try:
         settings = _settings(args.config)
         if args.run is not cmd_serve:
-            # Offline commands print results on stdout (often JSON for scripts): their logs go to stderr.
+            # Offline commands print their result on stdout (often JSON for scripts): only warnings and errors
+            # are logged, and to stderr.
             from qc_daemon.logs import configure_logging
 
-            configure_logging(settings.logging, stream=sys.stderr)
+            configure_logging(_offline_logging(settings.logging), stream=sys.stderr)
         return args.run(args, settings)
     except SettingsError as exc:
         print(f"qc-daemon: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except CannotListen as exc:
+        print(f"qc-daemon: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
     except CliError as exc:
         print(f"qc-daemon: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
 
 def _settings(path: Path | None) -> Settings:
     if path is not None:
         return load_settings(path)
-    for candidate in DEFAULT_CONFIG_PATHS:
-        if candidate.is_file():
-            return load_settings(candidate)
-    return load_settings(None)
+    if os.environ.get(CONFIG_ENV):
+        return load_settings(Path(os.environ[CONFIG_ENV]))
+    return load_settings(DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None)
+
+
+def _offline_logging(settings: LoggingSettings) -> LoggingSettings:
+    levels = list(LogLevel)
+    return settings.model_copy(update={"level": max(settings.level, LogLevel.WARNING, key=levels.index)})
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qc-daemon", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--config", type=Path, default=None,
-        help="config.toml (default: /etc/qc-daemon/config.toml if it exists, else built-in defaults)",
+    config_help = (
+        f"config.toml (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH} if it exists, else built-in defaults)"
     )
+    parser = argparse.ArgumentParser(prog="qc-daemon", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=None, help=config_help)
+    # --config is accepted after the command too (`qc-daemon serve --config x.toml`); SUPPRESS keeps a value
+    # given before the command when none is given after it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the DICOM node (until SIGTERM/SIGINT)")
+    serve = sub.add_parser("serve", parents=[common], help="run the DICOM node (until SIGTERM/SIGINT)")
     serve.set_defaults(run=cmd_serve)
 
-    hist = sub.add_parser("history", help="list results, newest first")
+    hist = sub.add_parser("history", parents=[common], help="list results, newest first")
     hist.add_argument("--below", type=float, help="only scored series with score < BELOW")
     hist.add_argument("--since", type=_since, help="ISO date/time (UTC) or an age such as 24h, 7d, 30m")
     hist.add_argument("--station", help="only this StationName")
@@ -71,29 +108,37 @@ def _parser() -> argparse.ArgumentParser:
     hist.add_argument("--json", action="store_true", help="print a JSON array")
     hist.set_defaults(run=cmd_history)
 
-    show = sub.add_parser("show", help="every revision of one series, with patch scores")
+    show = sub.add_parser("show", parents=[common], help="every revision of one series, with patch scores")
     show.add_argument("series_uid")
     show.add_argument("--json", action="store_true")
     show.set_defaults(run=cmd_show)
 
-    score = sub.add_parser("score", help="score a NIfTI file or a DICOM folder offline, with the daemon's code")
+    score = sub.add_parser(
+        "score", parents=[common], help="score a NIfTI file or a DICOM folder offline, with the daemon's code"
+    )
     score.add_argument("path", type=Path)
     score.add_argument("--series", help="SeriesInstanceUID to score when the folder holds several")
     score.add_argument("--json", action="store_true")
     score.set_defaults(run=cmd_score)
 
-    echo = sub.add_parser("echo", help="send a C-ECHO (default: to this daemon's configured port)")
+    echo = sub.add_parser("echo", parents=[common], help="send a C-ECHO (default: to this daemon's configured port)")
     echo.add_argument("--host", default="127.0.0.1")
     echo.add_argument("--port", type=int, default=None)
     echo.add_argument("--aet", default=None, help="called AE title (default: the configured one)")
     echo.add_argument("--calling-aet", default="QC_ECHO")
     echo.set_defaults(run=cmd_echo)
 
-    _add_send_parser(sub)
+    _add_send_parser(sub, common)
 
-    check = sub.add_parser("check-config", help="validate the configuration and the model, print the result")
+    check = sub.add_parser(
+        "check-config", parents=[common], help="validate the configuration and the model, print the result"
+    )
     check.set_defaults(run=cmd_check_config)
     return parser
+
+
+def _count(n: int, singular: str, plural: str) -> str:
+    return f"{n} {singular if n == 1 else plural}"
 
 
 def _since(text: str) -> dt.datetime:
@@ -127,12 +172,20 @@ def cmd_serve(args, settings: Settings) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    daemon.start()
+    try:
+        daemon.start()
+    except OSError as exc:
+        daemon.stop()
+        if exc.filename is None and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            where = f"{settings.dicom.host}:{settings.dicom.port}"
+            log.error("listener_failed", address=where, error=exc.strerror)
+            raise CannotListen(f"cannot listen on {where}: {exc.strerror} (set [dicom] host/port)") from exc
+        raise
     try:
         stop.wait()
     finally:
         daemon.stop()
-    return 0
+    return EXIT_OK
 
 
 def _open_store(settings: Settings):
@@ -161,7 +214,7 @@ def cmd_history(args, settings: Settings) -> int:
         else:
             _print_table(rows)
     store.close()
-    return 0
+    return EXIT_OK
 
 
 def _print_table(rows) -> None:
@@ -199,11 +252,13 @@ def cmd_show(args, settings: Settings) -> int:
     else:
         for item in out:
             for key, value in item.items():
-                if key in ("patch_scores", "patch_origins") and value:
-                    value = f"{len(value)} patches, min {min(item['patch_scores']):.3f}" if key == "patch_scores" else "..."
+                if key == "patch_scores" and value:
+                    value = f"{_count(len(value), 'patch', 'patches')}, min {min(value):.3f}"
+                elif key == "patch_origins" and value:
+                    value = "..."
                 print(f"{key:20} {value}")
             print()
-    return 0
+    return EXIT_OK
 
 
 def cmd_score(args, settings: Settings) -> int:
@@ -236,8 +291,9 @@ def cmd_score(args, settings: Settings) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"{path}: score {result.score:.3f} ({len(result.patch_scores)} patches, {result.seconds:.2f} s)")
-    return 0
+        patches = _count(len(result.patch_scores), "patch", "patches")
+        print(f"{path}: score {result.score:.3f} ({patches}, {result.seconds:.2f} s)")
+    return EXIT_OK
 
 
 def _pick_series(folder: Path, series_uid: str | None) -> list[Path]:
@@ -279,11 +335,13 @@ def cmd_echo(args, settings: Settings) -> int:
     if code != 0x0000:
         raise CliError(f"C-ECHO to {called}@{args.host}:{port} answered {code!r}")
     print(f"C-ECHO to {called}@{args.host}:{port}: success")
-    return 0
+    return EXIT_OK
 
 
-def _add_send_parser(sub) -> None:
-    send = sub.add_parser("send", help="C-STORE a folder's DICOM files as stored, each in its own transfer syntax")
+def _add_send_parser(sub, common: argparse.ArgumentParser) -> None:
+    send = sub.add_parser(
+        "send", parents=[common], help="C-STORE a folder's DICOM files as stored, each in its own transfer syntax"
+    )
     send.add_argument("folder", type=Path)
     send.add_argument("-r", "--recursive", action="store_true", help="include subfolders")
     send.add_argument("--host", default="127.0.0.1")
@@ -309,7 +367,7 @@ def cmd_send(args, settings: Settings) -> int:
     )
     report.skipped = skipped
     print("\n".join(report.summary_lines()))
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_FAILURE
 
 
 def cmd_check_config(args, settings: Settings) -> int:
@@ -328,7 +386,7 @@ def cmd_check_config(args, settings: Settings) -> int:
         "alert_threshold": settings.alerts.threshold,
     }
     print(json.dumps(summary, indent=2))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

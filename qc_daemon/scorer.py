@@ -164,6 +164,7 @@ class Scorer:
             "architecture": self.info.architecture,
             "sha256": self.info.sha256,
             "label": self.info.label,
+            "training_data": self.info.training_data,
             "calibration": json.loads(self.info.calibration.to_json()),
             "providers": self.session.get_providers(),
         }

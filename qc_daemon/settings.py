@@ -1,19 +1,24 @@
 """The daemon's settings: one frozen, typed object built once from ``config.toml``.
 
 Every key has a default, so no file at all (or a file holding only some sections) is valid. Unknown sections,
-unknown keys and bad values fail at start-up with :class:`SettingsError`, naming the key and the value.
-``config.toml`` at the repository root documents each key; keep the two in step (a test checks it).
+unknown keys and bad values fail at start-up with :class:`SettingsError`, naming the key and the value
+(``dicom.port = 70000: input should be less than or equal to 65535``). ``config.toml`` at the repository root
+documents each key; keep the two in step (a test checks it). The strict TOML reading is
+:mod:`qc_daemon.config_base`, shared with the trainer.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import ipaddress
 import os
-import tomllib
+import ssl
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from qc_daemon.config_base import InvalidValue, Section, read_toml, validate_toml
 
 
 class SettingsError(ValueError):
@@ -26,8 +31,15 @@ class LogFormat(enum.StrEnum):
     CONSOLE = "console"
 
 
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
 class Device(enum.StrEnum):
-    AUTO = "auto"  # CUDA when ONNX Runtime can really use it, CPU otherwise
+    AUTO = "auto"  # CUDA when it can really be used (ONNX Runtime's provider, torch's device), CPU otherwise
     CPU = "cpu"
     CUDA = "cuda"
 
@@ -40,36 +52,87 @@ def default_state_dir() -> Path:
     return Path(base) / "qc-daemon"
 
 
-@dataclasses.dataclass(frozen=True)
-class DicomSettings:
-    ae_title: str = "QC_DAEMON"
+def _ae_title(value: str) -> str:
+    if not (0 < len(value) <= 16 and value.strip() == value and value.isprintable() and "\\" not in value):
+        raise ValueError("expected 1 to 16 printable characters, no backslash, no leading/trailing spaces")
+    return value
+
+
+def _calling_ae_title(value: str) -> str:
+    if not 0 < len(value) <= 16:
+        raise ValueError("expected an AE title of 1 to 16 characters")
+    return value
+
+
+def _ip_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError("expected an IP address or network, e.g. 10.1.2.0/24") from None
+    return value
+
+
+def _existing_file(value: str) -> str:
+    if value and not Path(value).expanduser().is_file():
+        raise ValueError("no such file")
+    return value
+
+
+ExistingFile = Annotated[str, AfterValidator(_existing_file)]  # empty: not set
+
+class DicomSettings(Section):
+    ae_title: Annotated[str, AfterValidator(_ae_title)] = "QC_DAEMON"
     host: str = "0.0.0.0"
-    port: int = 11112
-    max_associations: int = 16
-    # Empty list: any calling AE title / any peer address may connect.
-    allowed_calling_aets: tuple[str, ...] = ()
-    allowed_peers: tuple[str, ...] = ()
+    port: int = Field(11112, ge=0, le=65535)  # 0: any free port
+    max_associations: int = Field(16, ge=1)
+    # Empty: any calling AE title / any peer address may connect.
+    allowed_calling_aets: tuple[Annotated[str, AfterValidator(_calling_ae_title)], ...] = ()
+    allowed_peers: tuple[Annotated[str, AfterValidator(_ip_network)], ...] = ()
     # Associations whose called AE title is not ours are rejected.
     require_called_aet: bool = True
-    acse_timeout_s: float = 30.0
-    dimse_timeout_s: float = 60.0
-    network_timeout_s: float = 60.0
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
     # A single instance larger than this is refused (out of resources) before it is written.
-    max_instance_mb: int = 1024
+    max_instance_mb: int = Field(1024, ge=1)
     # DICOM TLS (PS3.15 B.1), TLS 1.2+. Empty cert/key: plain TCP. With a CA file, clients must present a
     # certificate signed by it (mutual TLS); without one, any client may connect over TLS.
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_ca_file: str = ""
+    tls_cert_file: ExistingFile = ""
+    tls_key_file: ExistingFile = ""
+    tls_ca_file: ExistingFile = ""
 
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert_file)
 
+    @model_validator(mode="after")
+    def _tls_files_load(self) -> DicomSettings:
+        """A typo in the TLS files is a start-up error, never a silently unencrypted port."""
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
+            raise InvalidValue(missing, "", "dicom.tls_cert_file and dicom.tls_key_file must be set together")
+        if self.tls_ca_file and not self.tls_cert_file:
+            raise InvalidValue("tls_ca_file", self.tls_ca_file, "needs dicom.tls_cert_file and dicom.tls_key_file")
+        if not self.tls:
+            return self
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(Path(self.tls_cert_file).expanduser(), Path(self.tls_key_file).expanduser())
+        except (ssl.SSLError, OSError) as exc:
+            raise InvalidValue(
+                "tls_cert_file", self.tls_cert_file,
+                f"cannot load the certificate and key (dicom.tls_key_file = {self.tls_key_file!r}): {exc}",
+            ) from None
+        if self.tls_ca_file:
+            try:
+                context.load_verify_locations(cafile=Path(self.tls_ca_file).expanduser())
+            except (ssl.SSLError, OSError) as exc:
+                raise InvalidValue("tls_ca_file", self.tls_ca_file, f"cannot load: {exc}") from None
+        return self
 
-@dataclasses.dataclass(frozen=True)
-class StorageSettings:
-    state_dir: Path = dataclasses.field(default_factory=default_state_dir)
+
+class StorageSettings(Section):
+    state_dir: Path = Field(default_factory=default_state_dir)
     # Empty: derived from state_dir (spool/, archive/, qc.sqlite3).
     spool_dir: str = ""
     archive_dir: str = ""
@@ -77,10 +140,10 @@ class StorageSettings:
     # Keep each scored series' NIfTI volume under archive_dir (for later training).
     keep_nifti: bool = False
     # Refuse instances (out of resources) when free space in the state folder falls below this.
-    min_free_mb: int = 500
+    min_free_mb: int = Field(500, ge=0)
     # Remove spooled instances and archived volumes older than this many days; results are kept, and so are the
     # instances of a series not yet recorded (e.g. after a long outage). 0 = never.
-    retention_days: float = 7.0
+    retention_days: float = Field(7.0, ge=0)
 
     @property
     def spool_path(self) -> Path:
@@ -95,213 +158,80 @@ class StorageSettings:
         return self.database_url or f"sqlite:///{self.state_dir / 'qc.sqlite3'}"
 
 
-@dataclasses.dataclass(frozen=True)
-class WatchSettings:
+class WatchSettings(Section):
     # Empty: no drop folder. Files dropped here are ingested like received instances and then removed.
     folder: str = ""
     # A dropped file is read once its size has not changed for this long.
-    settle_s: float = 1.0
+    settle_s: float = Field(1.0, ge=0)
 
 
-@dataclasses.dataclass(frozen=True)
-class AssemblySettings:
+class AssemblySettings(Section):
     # A series is complete after this long without a new instance.
-    quiet_period_s: float = 10.0
+    quiet_period_s: float = Field(10.0, ge=0)
     # ...or as soon as ImagesInAcquisition instances have arrived, when the scanner sends that tag.
     use_expected_count: bool = True
     # Fewer slices than this is not a 3D volume (a single slice, a short 2D stack).
-    min_slices: int = 16
+    min_slices: int = Field(16, ge=2)
     # Scoring workers. ONNX Runtime already uses every core for one series, so 1 is right on a CPU.
-    workers: int = 1
+    workers: int = Field(1, ge=1)
     # Series waiting to be scored before new ones back up into the spool (they are never dropped).
-    max_queue: int = 64
+    max_queue: int = Field(64, ge=1)
 
 
-@dataclasses.dataclass(frozen=True)
-class ScoringSettings:
+class ScoringSettings(Section):
     # Empty: the model bundled with the daemon.
-    model_path: str = ""
+    model_path: ExistingFile = ""
     device: Device = Device.AUTO
-    batch_size: int = 4
+    batch_size: int = Field(4, ge=1)
     # 0: ONNX Runtime's default (all physical cores).
-    threads: int = 0
+    threads: int = Field(0, ge=0)
 
 
-@dataclasses.dataclass(frozen=True)
-class AlertSettings:
-    # A scored series with score < threshold raises an alert.
-    threshold: float = 0.5
+class AlertSettings(Section):
+    # A scored series with score < threshold raises an alert (scores are in [0, 1]).
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
     # Empty: no webhook. Otherwise alerts are POSTed as JSON here, retried with backoff until delivered.
     webhook_url: str = ""
-    webhook_timeout_s: float = 5.0
-    retry_initial_s: float = 2.0
-    retry_max_s: float = 300.0
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    retry_initial_s: float = Field(2.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
     # Empty: no exec hook. Otherwise run this argv with the alert as JSON on stdin.
     exec_command: tuple[str, ...] = ()
-    exec_timeout_s: float = 30.0
+    exec_timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL, or empty")
+        return value
+
+    @model_validator(mode="after")
+    def _retry_order(self) -> AlertSettings:
+        if self.retry_initial_s > self.retry_max_s:
+            raise InvalidValue("retry_initial_s", self.retry_initial_s, "expected <= alerts.retry_max_s")
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
-class LoggingSettings:
+class LoggingSettings(Section):
     format: LogFormat = LogFormat.AUTO
-    level: str = "info"
+    level: LogLevel = LogLevel.INFO
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    dicom: DicomSettings = dataclasses.field(default_factory=DicomSettings)
-    storage: StorageSettings = dataclasses.field(default_factory=StorageSettings)
-    watch: WatchSettings = dataclasses.field(default_factory=WatchSettings)
-    assembly: AssemblySettings = dataclasses.field(default_factory=AssemblySettings)
-    scoring: ScoringSettings = dataclasses.field(default_factory=ScoringSettings)
-    alerts: AlertSettings = dataclasses.field(default_factory=AlertSettings)
-    logging: LoggingSettings = dataclasses.field(default_factory=LoggingSettings)
-
-
-_LOG_LEVELS = ("debug", "info", "warning", "error")
+class Settings(Section):
+    dicom: DicomSettings = DicomSettings()
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    watch: WatchSettings = WatchSettings()
+    assembly: AssemblySettings = AssemblySettings()
+    scoring: ScoringSettings = ScoringSettings()
+    alerts: AlertSettings = AlertSettings()
+    logging: LoggingSettings = LoggingSettings()
 
 
 def load_settings(path: Path | None = None) -> Settings:
     """Read ``path`` (None: built-in defaults) into a validated :class:`Settings`."""
-    if path is None:
-        return settings_from_dict({})
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise SettingsError(f"config file {path} does not exist") from exc
-    except OSError as exc:
-        raise SettingsError(f"config file {path} cannot be read: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
-    return settings_from_dict(raw)
+    return settings_from_dict({} if path is None else read_toml(path, SettingsError))
 
 
 def settings_from_dict(raw: dict[str, Any]) -> Settings:
-    sections: dict[str, Any] = {}
-    hints = get_type_hints(Settings)
-    for name, value in raw.items():
-        if name not in hints:
-            raise SettingsError(f"unknown section [{name}] (known: {', '.join(hints)})")
-        if not isinstance(value, dict):
-            raise SettingsError(f"[{name}] must be a table, got {value!r}")
-        sections[name] = _build_section(name, hints[name], value)
-    settings = Settings(**sections)
-    _validate(settings)
-    return settings
-
-
-def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
-    hints = get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in hints:
-            raise SettingsError(f"unknown key {section}.{key} (known: {', '.join(hints)})")
-        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
-    return cls(**kwargs)
-
-
-def _coerce(key: str, hint: Any, value: Any) -> Any:
-    def bad(expected: str) -> SettingsError:
-        return SettingsError(f"{key} = {value!r}: expected {expected}")
-
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if hint is Path:
-        if not isinstance(value, str) or not value:
-            raise bad("a non-empty path string")
-        return Path(value).expanduser()
-    if hint == tuple[str, ...]:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of strings")
-        return tuple(value)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        try:
-            return hint(value)
-        except ValueError:
-            raise bad("one of " + ", ".join(repr(m.value) for m in hint)) from None
-    raise SettingsError(f"{key}: unsupported setting type {hint!r}")  # a programming error, named anyway
-
-
-def _validate(s: Settings) -> None:
-    def check(ok: bool, key: str, value: Any, expected: str) -> None:
-        if not ok:
-            raise SettingsError(f"{key} = {value!r}: expected {expected}")
-
-    ae = s.dicom.ae_title
-    check(0 < len(ae) <= 16 and ae.strip() == ae and ae.isprintable() and "\\" not in ae,
-          "dicom.ae_title", ae, "1 to 16 printable characters, no backslash, no leading/trailing spaces")
-    for calling in s.dicom.allowed_calling_aets:
-        check(0 < len(calling) <= 16, "dicom.allowed_calling_aets", calling, "AE titles of 1 to 16 characters")
-    for peer in s.dicom.allowed_peers:
-        try:
-            ipaddress.ip_network(peer, strict=False)
-        except ValueError:
-            raise SettingsError(f"dicom.allowed_peers: {peer!r} is not an IP address or network") from None
-    check(0 <= s.dicom.port <= 65535, "dicom.port", s.dicom.port, "a port number 0..65535 (0: any free port)")
-    check(s.dicom.max_associations >= 1, "dicom.max_associations", s.dicom.max_associations, ">= 1")
-    for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
-        check(getattr(s.dicom, key) > 0, f"dicom.{key}", getattr(s.dicom, key), "> 0")
-    check(s.dicom.max_instance_mb >= 1, "dicom.max_instance_mb", s.dicom.max_instance_mb, ">= 1")
-    _validate_tls(s.dicom)
-    check(s.storage.min_free_mb >= 0, "storage.min_free_mb", s.storage.min_free_mb, ">= 0")
-    check(s.storage.retention_days >= 0, "storage.retention_days", s.storage.retention_days, ">= 0")
-    check(s.watch.settle_s >= 0, "watch.settle_s", s.watch.settle_s, ">= 0")
-    check(s.assembly.quiet_period_s >= 0, "assembly.quiet_period_s", s.assembly.quiet_period_s, ">= 0")
-    check(s.assembly.min_slices >= 2, "assembly.min_slices", s.assembly.min_slices, ">= 2")
-    check(s.assembly.workers >= 1, "assembly.workers", s.assembly.workers, ">= 1")
-    check(s.assembly.max_queue >= 1, "assembly.max_queue", s.assembly.max_queue, ">= 1")
-    check(s.scoring.batch_size >= 1, "scoring.batch_size", s.scoring.batch_size, ">= 1")
-    check(s.scoring.threads >= 0, "scoring.threads", s.scoring.threads, ">= 0")
-    check(0.0 <= s.alerts.threshold <= 1.0, "alerts.threshold", s.alerts.threshold, "a score between 0 and 1")
-    check(not s.alerts.webhook_url or s.alerts.webhook_url.startswith(("http://", "https://")),
-          "alerts.webhook_url", s.alerts.webhook_url, "an http:// or https:// URL, or empty")
-    check(s.alerts.webhook_timeout_s > 0, "alerts.webhook_timeout_s", s.alerts.webhook_timeout_s, "> 0")
-    check(0 < s.alerts.retry_initial_s <= s.alerts.retry_max_s, "alerts.retry_initial_s",
-          s.alerts.retry_initial_s, "> 0 and <= alerts.retry_max_s")
-    check(s.alerts.exec_timeout_s > 0, "alerts.exec_timeout_s", s.alerts.exec_timeout_s, "> 0")
-    check(s.logging.level in _LOG_LEVELS, "logging.level", s.logging.level, "one of " + ", ".join(_LOG_LEVELS))
-    if s.scoring.model_path and not Path(s.scoring.model_path).expanduser().is_file():
-        raise SettingsError(f"scoring.model_path = {s.scoring.model_path!r}: no such file")
-
-
-def _validate_tls(d: DicomSettings) -> None:
-    """TLS files must exist and load (a typo is a start-up error, never a silently unencrypted port)."""
-    if bool(d.tls_cert_file) != bool(d.tls_key_file):
-        raise SettingsError("dicom.tls_cert_file and dicom.tls_key_file must be set together (or both left empty)")
-    if d.tls_ca_file and not d.tls_cert_file:
-        raise SettingsError(f"dicom.tls_ca_file = {d.tls_ca_file!r} needs dicom.tls_cert_file and dicom.tls_key_file")
-    for key in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
-        value = getattr(d, key)
-        if value and not Path(value).expanduser().is_file():
-            raise SettingsError(f"dicom.{key} = {value!r}: no such file")
-    if d.tls:
-        import ssl
-
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(Path(d.tls_cert_file).expanduser(), Path(d.tls_key_file).expanduser())
-        except (ssl.SSLError, OSError) as exc:
-            raise SettingsError(
-                f"dicom.tls_cert_file = {d.tls_cert_file!r} / dicom.tls_key_file = {d.tls_key_file!r}: "
-                f"cannot load the certificate and key: {exc}"
-            ) from None
-        if d.tls_ca_file:
-            try:
-                context.load_verify_locations(cafile=Path(d.tls_ca_file).expanduser())
-            except (ssl.SSLError, OSError) as exc:
-                raise SettingsError(f"dicom.tls_ca_file = {d.tls_ca_file!r}: cannot load: {exc}") from None
+    return validate_toml(Settings, raw, SettingsError)

@@ -32,6 +32,20 @@ def make_settings(tmp_path: Path, **sections) -> Settings:
     return settings_from_dict(raw)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_site_config(tmp_path_factory):
+    """A command run without --config reads an empty file (built-in defaults), never /etc/qc-daemon/config.toml."""
+    empty = tmp_path_factory.mktemp("no-site-config") / "config.toml"
+    empty.write_text("")
+    before = os.environ.get("QC_DAEMON_CONFIG")
+    os.environ["QC_DAEMON_CONFIG"] = str(empty)
+    yield
+    if before is None:
+        os.environ.pop("QC_DAEMON_CONFIG", None)
+    else:
+        os.environ["QC_DAEMON_CONFIG"] = before
+
+
 @pytest.fixture(autouse=True)
 def _fresh_logging():
     """Each test starts with logs to a stream of its own; none writes into an earlier test's closed capture."""

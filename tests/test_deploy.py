@@ -116,6 +116,11 @@ def test_unit_does_not_restart_on_a_configuration_error(service, tmp_path, capsy
     assert str(code) in _one(service, "RestartPreventExitStatus").split()
 
 
+def test_unit_does_not_restart_when_the_port_cannot_be_opened(service):
+    # the exit itself is tested in test_cli.py (a real busy port)
+    assert str(cli.EXIT_CANNOT_LISTEN) in _one(service, "RestartPreventExitStatus").split()
+
+
 def test_exec_start_is_a_valid_serve_command(service):
     argv = shlex.split(_one(service, "ExecStart"))
     assert argv[0] == "/opt/qc-daemon/.venv/bin/qc-daemon"
@@ -123,7 +128,7 @@ def test_exec_start_is_a_valid_serve_command(service):
     assert scripts[Path(argv[0]).name] == "qc_daemon.cli:main"
     args = cli._parser().parse_args(argv[1:])
     assert args.command == "serve" and args.run is cli.cmd_serve
-    assert args.config == cli.DEFAULT_CONFIG_PATHS[0] == Path("/etc/qc-daemon/config.toml")
+    assert args.config == cli.DEFAULT_CONFIG_PATH == Path("/etc/qc-daemon/config.toml")
 
 
 def test_systemd_analyze_verify(tmp_path):

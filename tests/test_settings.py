@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
-from typing import get_type_hints
 
 import pytest
 
@@ -16,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_repository_config_documents_every_key_with_its_default():
     text = (ROOT / "config.toml").read_text()
     assert load_settings(ROOT / "config.toml") == Settings()
-    for section, section_type in get_type_hints(Settings).items():
+    for section, field in Settings.model_fields.items():
         assert f"[{section}]" in text
-        for field in dataclasses.fields(section_type):
-            assert re.search(rf"^#? ?{field.name} = ", text, re.M), f"{section}.{field.name} undocumented"
+        for name in field.annotation.model_fields:
+            assert re.search(rf"^#? ?{name} = ", text, re.M), f"{section}.{name} undocumented"
 
 
 def test_partial_config_keeps_other_defaults(tmp_path):
@@ -37,15 +35,20 @@ def test_partial_config_keeps_other_defaults(tmp_path):
         ({"dicom": {"port": 70000}}, "dicom.port = 70000"),
         ({"dicom": {"port": "11112"}}, "dicom.port = '11112'"),
         ({"dicom": {"ae_title": "A_TITLE_THAT_IS_TOO_LONG"}}, "dicom.ae_title"),
-        ({"dicom": {"colour": "red"}}, "unknown key dicom.colour"),
-        ({"dicom": {"allowed_peers": ["10.0.0.300"]}}, "dicom.allowed_peers: '10.0.0.300'"),
-        ({"bogus": {}}, "unknown section [bogus]"),
+        ({"dicom": {"port": True}}, "dicom.port = True"),
+        ({"dicom": {"colour": "red"}}, "dicom.colour = 'red': unknown key (known: ae_title, host"),
+        ({"dicom": {"allowed_peers": ["10.0.0.300"]}}, "dicom.allowed_peers[0] = '10.0.0.300'"),
+        ({"dicom": 5}, "dicom = 5: expected a table"),
+        ({"bogus": {}}, "bogus = {}: unknown section (known: dicom, storage"),
         ({"alerts": {"threshold": 1.5}}, "alerts.threshold = 1.5"),
         ({"alerts": {"webhook_url": "ftp://x"}}, "alerts.webhook_url = 'ftp://x'"),
-        ({"scoring": {"device": "tpu"}}, "scoring.device = 'tpu'"),
+        ({"scoring": {"device": "tpu"}}, "scoring.device = 'tpu': expected one of 'auto', 'cpu', 'cuda'"),
+        ({"storage": {"state_dir": 3}}, "storage.state_dir = 3"),
+        ({"alerts": {"retry_initial_s": 10, "retry_max_s": 5}}, "alerts.retry_initial_s = 10"),
         ({"scoring": {"model_path": "/nonexistent/model.onnx"}}, "scoring.model_path"),
         ({"assembly": {"quiet_period_s": -1}}, "assembly.quiet_period_s = -1"),
         ({"logging": {"level": "loud"}}, "logging.level = 'loud'"),
+        ({"alerts": {"exec_command": "/bin/true"}}, "alerts.exec_command = '/bin/true'"),
     ],
 )
 def test_bad_values_name_key_and_value(raw, named):
@@ -54,10 +57,27 @@ def test_bad_values_name_key_and_value(raw, named):
     assert named in str(info.value)
 
 
-def test_enum_and_list_values_are_typed():
-    settings = settings_from_dict({"scoring": {"device": "cpu"}, "alerts": {"exec_command": ["/bin/true", "x"]}})
+def test_enum_list_and_path_values_are_typed(tmp_path):
+    raw = {
+        "scoring": {"device": "cpu"},
+        "alerts": {"exec_command": ["/bin/true", "x"], "retry_initial_s": 1},
+        "storage": {"state_dir": "~/qc"},
+    }
+    settings = settings_from_dict(raw)
     assert settings.scoring.device is Device.CPU
     assert settings.alerts.exec_command == ("/bin/true", "x")
+    assert settings.alerts.retry_initial_s == 1.0 and isinstance(settings.alerts.retry_initial_s, float)
+    assert settings.storage.state_dir == Path.home() / "qc"
+
+
+def test_every_problem_is_reported_and_settings_are_frozen():
+    with pytest.raises(SettingsError) as info:
+        settings_from_dict({"dicom": {"port": -1, "max_associations": 0}, "watch": {"settle_s": "1"}})
+    lines = str(info.value).splitlines()
+    assert [line.split(" = ")[0] for line in lines] == ["dicom.port", "dicom.max_associations", "watch.settle_s"]
+    settings = Settings()
+    with pytest.raises(ValueError, match="frozen"):
+        settings.dicom.port = 104  # type: ignore[misc]
 
 
 def test_cli_reports_bad_config_with_exit_code_2(tmp_path, capsys):

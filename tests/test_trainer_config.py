@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ pytestmark = pytest.mark.torch
 pytest.importorskip("torch")
 pytest.importorskip("torchio")
 
-from trainer.config import ConfigError, TrainConfig, load_config, replace
+from trainer.config import ConfigError, Device, Head, Source, Spatial, Split, TrainConfig, load_config, replace
 
 CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "configs"
 
@@ -21,7 +22,7 @@ def test_shipped_configs_load():
         assert isinstance(config, TrainConfig)
     default = load_config(CONFIGS / "default.toml")
     assert default.model.depth == 18 and default.data.patch_size == 96
-    assert default.model_config().architecture == "hysnet-r18-3d-hyper"
+    assert default.to_model_config().architecture == "hysnet-r18-3d-hyper"
 
 
 def test_paper_config_is_the_paper_recipe_on_the_default_data():
@@ -74,5 +75,34 @@ def test_bad_toml_names_the_file(tmp_path):
 
 def test_config_is_frozen():
     config = TrainConfig()
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValueError, match="frozen"):
         config.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_modes_are_enums_and_checkpoint_dict_is_plain_json():
+    config = TrainConfig.from_dict(
+        {"model": {"spatial": "2d", "head": "plain"}, "data": {"split": "cross", "train_roots": ["a"],
+                                                              "test_roots": ["b"]}, "train": {"device": "cpu"}}
+    )
+    assert (config.model.spatial, config.model.head) == (Spatial.D2, Head.PLAIN)
+    assert (config.data.source, config.data.split, config.train.device) == (Source.CLEAN, Split.CROSS, Device.CPU)
+    assert config.data.train_roots == ("a",)
+    stored = json.loads(json.dumps(config.to_dict()))  # what a checkpoint holds
+    assert stored["model"]["spatial"] == "2d" and stored["data"]["spacing_mm"] == [2.0, 2.0, 2.0]
+    assert TrainConfig.from_dict(stored) == config
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"model": {"head": "hyperr"}}, "model.head = 'hyperr': expected one of 'hyper', 'plain'"),
+        ({"data": {"source": "tables"}}, "data.source = 'tables': expected one of 'clean', 'table'"),
+        ({"train": {"device": "gpu"}}, "train.device = 'gpu': expected one of 'auto', 'cpu', 'cuda'"),
+        ({"data": {"patch_size": 32, "patch_step": 48}}, "data.patch_step = 48: expected <= data.patch_size (32)"),
+        ({"train": {"freeze_bn": True}}, "train.freeze_bn = True: needs train.bn_recalib_batches > 0"),
+    ],
+)
+def test_errors_name_the_value_and_the_choices(raw, message):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_dict(raw)
+    assert str(info.value) == message

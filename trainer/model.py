@@ -36,7 +36,6 @@ Choices the paper leaves open (written down here so they are not guessed elsewhe
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,21 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from trainer.config import Head, Spatial
 from trainer.resnet import STAGES, ResNet
-
-
-class Spatial(enum.StrEnum):
-    D3 = "3d"  # 3D patches (B, 1, P, P, P): the daemon's model
-    D2 = "2d"  # 2D axial slices (B, 1, H, W): the paper's "non-spatial" ablation
-
-    @property
-    def ndim(self) -> int:
-        return 3 if self is Spatial.D3 else 2
-
-
-class Head(enum.StrEnum):
-    HYPER = "hyper"  # per-sample FC weights written by the hyper-network
-    PLAIN = "plain"  # ordinary nn.Linear layers of the same sizes
 
 
 DEPTHS = tuple(sorted(STAGES))

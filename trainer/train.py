@@ -3,7 +3,7 @@
 1. Seeds everywhere (numpy per epoch from ``[seed, epoch]``, torch from ``seed``), device = CUDA when present.
 2. Data: build or reuse the cache (:mod:`trainer.data`), split by subject, fit the label -> score calibration on
    the training labels.
-3. Model: ``build_model(config.model_config(), seed)``; Adam, lr halved every ``lr_halve_every`` epochs
+3. Model: ``build_model(config.to_model_config(), seed)``; Adam, lr halved every ``lr_halve_every`` epochs
    (:func:`lr_at`, a pure function); L1 loss between patch scores and the volume's score.
 4. Each step draws ``volumes_per_step`` training volumes and ``patches_per_volume`` (9) random patches from each;
    with ``reorient`` each patch gets a random axis permutation and flips (:func:`trainer.patches.reorient_randomly`).
@@ -220,7 +220,7 @@ def train(config: TrainConfig, config_path: str | None = None) -> Path:
     train_config = {**config.to_dict(), "config_path": config_path}
 
     # --- model, optimiser, resume
-    model_config = config.model_config()
+    model_config = config.to_model_config()
     model = build_model(model_config, seed=t.seed).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
     start_epoch, best, history = 0, float("inf"), []
