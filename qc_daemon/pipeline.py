@@ -6,9 +6,11 @@ failed, with its reason). :class:`WorkQueue` runs it on worker threads from a bo
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,23 +59,27 @@ class SeriesProcessor:
 
     def process(self, series_uid: str) -> SeriesResult | None:
         """Record one revision of the series; None when the spool holds nothing new since the last one."""
+        started = time.perf_counter()
         paths = self.spool.instance_paths(series_uid)
         if not paths:
             return None
+        timings = _Timings()
         with self.store.session() as session:
             latest = latest_revision(session, series_uid)
             if latest is not None and latest.status in FINAL_STATUSES and latest.instances == len(paths):
                 log.info("series_unchanged", series_instance_uid=series_uid, revision=latest.revision)
                 return None
-            series = read_series(series_uid, paths)
+            with timings.phase("read_s"):
+                series = read_series(series_uid, paths)
             received_at = dt.datetime.fromtimestamp(min(p.stat().st_mtime for p in paths), dt.UTC)
             facts = series_facts(series, len(paths), received_at.replace(tzinfo=None))
-            row = open_revision(session, facts)
-            session.commit()
+            with timings.phase("store_s"):
+                row = open_revision(session, facts)
+                session.commit()
             bound = log.bind(series_instance_uid=series_uid, revision=row.revision)
             bound.info("series_processing", instances=len(paths))
             try:
-                self._score_into(row, series)
+                self._score_into(row, series, timings)
             except SeriesSkipped as exc:
                 row.status, row.reason = SeriesStatus.SKIPPED, str(exc)
             except SeriesFailed as exc:
@@ -89,19 +95,24 @@ class SeriesProcessor:
                 payload = alert_payload(row, self.threshold)
                 for channel in self.alert_channels:
                     enqueue_alert(session, row, channel, payload)
-            session.commit()
-            self._log_outcome(bound, row)
+            with timings.phase("store_s"):
+                session.commit()
+            timings.seconds["total_s"] = time.perf_counter() - started
+            self._log_outcome(bound, row, timings)
             if row.below_threshold and self.alert_channels:
                 self.on_alert()
             return row
 
-    def _score_into(self, row: SeriesResult, series) -> None:
-        series = classify(series, self.min_slices)
-        keep_as = None
-        if self.archive_dir is not None:
-            keep_as = self.archive_dir / f"{row.series_instance_uid}_r{row.revision}.nii.gz"
-        volume = build_volume(series, keep_nifti_as=keep_as)
+    def _score_into(self, row: SeriesResult, series, timings: _Timings) -> None:
+        with timings.phase("volume_s"):
+            series = classify(series, self.min_slices)
+            keep_as = None
+            if self.archive_dir is not None:
+                keep_as = self.archive_dir / f"{row.series_instance_uid}_r{row.revision}.nii.gz"
+            volume = build_volume(series, keep_nifti_as=keep_as)
         result = self.scorer.score_volume(volume)
+        timings.seconds["preprocess_s"] = result.preprocessing_s
+        timings.seconds["inference_s"] = result.seconds - result.preprocessing_s
         row.status = SeriesStatus.SCORED
         row.reason = None
         row.score = result.score
@@ -112,9 +123,10 @@ class SeriesProcessor:
         row.model_sha256 = self.scorer.model_sha256
         row.nifti_path = str(keep_as) if keep_as is not None else None
 
-    def _log_outcome(self, bound, row: SeriesResult) -> None:
+    def _log_outcome(self, bound, row: SeriesResult, timings: _Timings) -> None:
         if row.status is SeriesStatus.SCORED:
-            bound.info("series_scored", score=round(row.score, 4), seconds=round(row.scoring_time_s, 2))
+            bound.info("series_scored", score=round(row.score, 4), seconds=round(row.scoring_time_s, 2),
+                       **timings.rounded())
             if row.below_threshold:
                 bound.warning(
                     "alert_raised",
@@ -127,6 +139,24 @@ class SeriesProcessor:
             bound.info("series_skipped", reason=row.reason)
         else:
             bound.warning("series_failed", reason=row.reason)
+
+
+class _Timings:
+    """Seconds spent in each phase of one series, for the log line that closes it (and bench/bench_latency)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def rounded(self) -> dict[str, float]:
+        return {name: round(value, 4) for name, value in self.seconds.items()}
 
 
 class WorkQueue:

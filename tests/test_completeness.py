@@ -66,6 +66,7 @@ def test_grid_check_takes_one_multiframe_instance_with_all_its_frames_and_ignore
     assert not forms_complete_grid([raw], min_slices=1)
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize(("name", "count"), [
     ("philips_elitionx_t1_mprage_3d", 170),  # Philips Number of Slices MR (2001,xx18), one stack
     ("siemens_xa30_t1_tfl_jpeglossless_phantom", 96),  # XA ASCCONV in (0021,xx19): 3D, lImagesPerSlab
@@ -80,6 +81,7 @@ def test_announced_count_of_the_real_shared_series_is_their_instance_count(name,
         assert len(datasets) == count and forms_complete_grid([slice_facts(ds) for ds in datasets], 16, count)
 
 
+@pytest.mark.shared_data
 def test_vendor_counts_are_not_trusted_for_derived_images_or_several_stacks():
     ds = pydicom.dcmread(sorted(shared_data("dicom", "philips_elitionx_t1_mprage_3d").iterdir())[0])
     ds.ImageType = ["DERIVED", "SECONDARY", "MPR"]
@@ -141,6 +143,8 @@ def test_a_late_instance_after_an_early_completion_opens_a_new_revision(daemon_f
     assert (second.revision, second.instances, second.status) == (first.revision + 1, 21, SeriesStatus.SCORED)
 
 
+@pytest.mark.dcmtk
+@pytest.mark.shared_data
 @pytest.mark.skipif(not DCMTK_STORESCU.exists(), reason="DCMTK storescu not installed")
 @pytest.mark.parametrize(("use_expected_count", "trigger"), [
     (True, "expected_count"),  # Philips' Number of Slices MR is reached with the last instance
