@@ -99,9 +99,15 @@ def forms_complete_grid(facts: Iterable[SliceFacts], min_slices: int, announced:
 
 def _philips_count(dataset: Dataset) -> int | None:
     """Number of Slices MR (2001,xx18), trusted only for one stack, one dynamic, one phase and one echo."""
+    block = _private_block(dataset, 0x2001, _PHILIPS_CREATOR)
+    if block is None:
+        return None
     values = {}
     for name, offset in (("slices", 0x18), ("stacks", 0x60), ("dynamics", 0x81), ("phases", 0x17), ("echoes", 0x14)):
-        values[name] = _positive_int(_private(dataset, 0x2001, offset, _PHILIPS_CREATOR))
+        try:
+            values[name] = _positive_int(block[offset].value) if offset in block else None
+        except Exception:  # noqa: BLE001 - a malformed private element: no announcement
+            return None
     if any((values[name] or 1) != 1 for name in ("stacks", "dynamics", "phases", "echoes")):
         return None
     return values["slices"]
@@ -146,9 +152,17 @@ def _ascconv_int(protocol: dict[str, str], key: str) -> int | None:
 
 
 def _private(dataset: Dataset, group: int, offset: int, creator: str):
+    block = _private_block(dataset, group, creator)
     try:
-        return dataset.get_private_item(group, offset, creator).value
-    except Exception:  # noqa: BLE001 - absent, or a malformed private block: no announcement
+        return block[offset].value if block is not None and offset in block else None
+    except Exception:  # noqa: BLE001 - a malformed private element: no announcement
+        return None
+
+
+def _private_block(dataset: Dataset, group: int, creator: str):
+    try:
+        return dataset.private_block(group, creator)
+    except Exception:  # noqa: BLE001 - absent, or a malformed private creator: no announcement
         return None
 
 
