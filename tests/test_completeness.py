@@ -166,3 +166,21 @@ def test_the_real_philips_series_from_dcmtk_storescu_completes_without_the_quiet
     (row,) = _wait_for_rows(daemon, uid, 1, GENEROUS_BOUND_S)
     assert row.status is SeriesStatus.SCORED and row.instances == 170
     assert f'"trigger": "{trigger}"' in log_stream.getvalue()
+
+
+def test_a_series_still_arriving_over_another_association_is_not_completed_at_the_first_release():
+    from qc_daemon.assembler import Assembler
+    from qc_daemon.intake import Arrival
+
+    series = classic_series(phantom((8, 8, 20)))
+    uid = str(series[0].SeriesInstanceUID)
+    spooled, handed = [0], []
+    assembler = Assembler(LONG_QUIET_PERIOD_S, True, submit=lambda u: not handed.append(u),
+                          count_spooled=lambda u: spooled[0], min_slices=16)
+    for index, ds in enumerate(series):  # slices 0..9 over association 1, 10..19 over association 2, interleaved
+        spooled[0] += 1
+        assembler.instance_arrived(Arrival(uid, str(ds.SOPInstanceUID), None, slice_facts(ds), 1 + (index >= 10)))
+    assembler.association_released(1)
+    assert handed == [] and assembler.receiving() == [uid]
+    assembler.association_released(2)
+    assert handed == [uid] and assembler.receiving() == []
