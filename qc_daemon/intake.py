@@ -20,6 +20,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from qc_daemon.completeness import SliceFacts, announced_count, slice_facts
 from qc_daemon.dicom_bytes import DatasetTooLarge, MalformedDataset, check_part10, decode_dataset
 from qc_daemon.spool import InvalidUID, Spool, StoreOutcome, check_uid
 
@@ -47,7 +48,9 @@ class Arrival:
 
     series_uid: str
     sop_instance_uid: str
-    expected_instances: int | None  # ImagesInAcquisition, when the scanner sends a sane value
+    expected_instances: int | None  # the count the scanner announced (see qc_daemon.completeness), if any
+    facts: SliceFacts | None = None  # where the instance lies, for the completeness check
+    association_id: int | None = None  # the DICOM association that delivered it; None for the drop folder
 
 
 class Intake:
@@ -74,12 +77,14 @@ class Intake:
         *,
         sop_class_uid: str | None = None,
         sop_instance_uid: str | None = None,
+        association_id: int | None = None,
     ) -> StoreOutcome:
         """Spool one instance received over DIMSE.
 
         ``stream`` is the dataset as sent (no file meta) in ``transfer_syntax``; ``encoded`` returns the Part 10
         bytes to write. ``sop_class_uid``/``sop_instance_uid`` are the request's Affected SOP Class/Instance UIDs,
-        which the dataset must repeat. The dataset is decoded here, only after its structure has been checked.
+        which the dataset must repeat; ``association_id`` names the association that delivered it. The dataset
+        is decoded here, only after its structure has been checked.
         """
         self._check_size_and_room(len(stream))
         syntax = UID(transfer_syntax)
@@ -89,7 +94,7 @@ class Intake:
             raise InstanceRejected(StoreStatus.OUT_OF_RESOURCES, str(exc)) from exc
         except MalformedDataset as exc:
             raise InstanceRejected(StoreStatus.CANNOT_UNDERSTAND, f"malformed dataset: {exc}"[:300]) from exc
-        return self._store(dataset, encoded, sop_instance_uid, sop_class_uid)
+        return self._store(dataset, encoded, sop_instance_uid, sop_class_uid, association_id)
 
     def accept_file(self, path: Path) -> StoreOutcome:
         """Spool one Part 10 file (the drop folder): size checked before reading, structure before parsing."""
@@ -150,6 +155,7 @@ class Intake:
         encoded: Callable[[], bytes],
         sop_instance_uid: str | None,
         sop_class_uid: str | None = None,
+        association_id: int | None = None,
     ) -> StoreOutcome:
         try:
             series_uid = check_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
@@ -177,13 +183,14 @@ class Intake:
         except OSError as exc:
             raise InstanceRejected(StoreStatus.OUT_OF_RESOURCES, f"cannot write to the spool: {exc}") from exc
         if outcome is StoreOutcome.NEW:
-            self.on_arrival(Arrival(series_uid, sop_uid, _expected_instances(dataset)))
+            self.on_arrival(_arrival(dataset, series_uid, sop_uid, association_id))
         return outcome
 
 
-def _expected_instances(dataset: Dataset) -> int | None:
+def _arrival(dataset: Dataset, series_uid: str, sop_uid: str, association_id: int | None) -> Arrival:
+    """What the assembler learns from the header already parsed; hints that cannot be read are left out."""
     try:
-        value = int(dataset.get("ImagesInAcquisition") or 0)
-    except Exception:  # noqa: BLE001 - an optional hint; a malformed one is ignored
-        return None
-    return value if 0 < value <= 100_000 else None
+        expected, facts = announced_count(dataset), slice_facts(dataset)
+    except Exception:  # noqa: BLE001 - optional hints from an untrusted header: the quiet period still applies
+        expected, facts = None, None
+    return Arrival(series_uid, sop_uid, expected, facts, association_id)

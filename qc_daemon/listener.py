@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
             partial(_part10, meta, stream),
             sop_class_uid=str(request.AffectedSOPClassUID or ""),
             sop_instance_uid=sop_uid or None,
+            association_id=id(event.assoc),
         )
     except InstanceRejected as exc:
         log.warning("instance_rejected", calling_ae=calling_ae, status=f"0x{int(exc.status):04X}", reason=exc.reason)
@@ -120,6 +122,15 @@ def handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
     if outcome is StoreOutcome.DUPLICATE:
         log.info("instance_duplicate", sop_instance_uid=sop_uid, calling_ae=calling_ae)
     return StoreStatus.SUCCESS
+
+
+def handle_association_end(event: evt.Event, on_end: Callable[[int], None]) -> None:
+    """Tell the assembler an association ended: released (its series may be complete now), or aborted or
+    closed (they wait for the quiet period). Never raises: the association is over either way."""
+    try:
+        on_end(id(event.assoc))
+    except Exception:  # noqa: BLE001 - a failed early completion leaves the quiet period as the fallback
+        log.exception("association_end_error", event=event.event.name)
 
 
 def failure_status(status: StoreStatus, reason: str) -> Dataset:
@@ -183,7 +194,16 @@ def build_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
     return context
 
 
-def start_listener(settings: DicomSettings, intake: Intake) -> tuple[AE, ThreadedAssociationServer]:
+def start_listener(
+    settings: DicomSettings,
+    intake: Intake,
+    *,
+    on_released: Callable[[int], None],
+    on_ended: Callable[[int], None],
+) -> tuple[AE, ThreadedAssociationServer]:
+    """Start the AE. ``on_released`` gets the id of an association the peer released (the ``association_id``
+    of the instances it delivered); ``on_ended`` that of one aborted or closed without a release (the
+    connection's close follows a release too: ``on_ended`` must then do nothing harmful)."""
     ae = build_ae(settings)
     ssl_context = build_ssl_context(settings)
     allowed = [ipaddress.ip_network(p, strict=False) for p in settings.allowed_peers]
@@ -191,6 +211,9 @@ def start_listener(settings: DicomSettings, intake: Intake) -> tuple[AE, Threade
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [intake]),
         (evt.EVT_REQUESTED, handle_requested, [allowed, intake]),
+        (evt.EVT_RELEASED, handle_association_end, [on_released]),
+        (evt.EVT_ABORTED, handle_association_end, [on_ended]),
+        (evt.EVT_CONN_CLOSE, handle_association_end, [on_ended]),
     ]
     server = ae.start_server(
         (settings.host, settings.port), block=False, evt_handlers=handlers, ssl_context=ssl_context

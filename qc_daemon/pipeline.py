@@ -9,9 +9,11 @@ next restart.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,25 +68,29 @@ class SeriesProcessor:
         Raises what the store raises (the database is locked or gone): nothing is recorded then.
         """
         started_at = utcnow()
+        started = time.perf_counter()
         paths = self.spool.instance_paths(series_uid)
         if not paths:
             return None
+        timings = _Timings()
         with self.store.session() as session:
             if not awaits_result(session, series_uid, len(paths)):
                 latest = latest_revision(session, series_uid)
                 log.info("series_unchanged", series_instance_uid=series_uid, revision=latest.revision)
                 return None
-            series = read_series(series_uid, paths)
+            with timings.phase("read_s"):
+                series = read_series(series_uid, paths)
             arrivals = [p.stat().st_mtime for p in paths]
             facts = series_facts(series, len(paths), _utc(min(arrivals)))
-            row = open_revision(session, facts)
-            row.last_instance_at = _utc(max(arrivals))
-            row.processing_started_at = started_at
-            session.commit()
+            with timings.phase("store_s"):
+                row = open_revision(session, facts)
+                row.last_instance_at = _utc(max(arrivals))
+                row.processing_started_at = started_at
+                session.commit()
             bound = log.bind(series_instance_uid=series_uid, revision=row.revision)
             bound.info("series_processing", instances=len(paths))
             try:
-                self._score_into(row, series)
+                self._score_into(row, series, timings)
             except SeriesSkipped as exc:
                 row.status, row.reason = SeriesStatus.SKIPPED, str(exc)
             except SeriesFailed as exc:
@@ -100,19 +106,24 @@ class SeriesProcessor:
                 payload = alert_payload(row, self.threshold)
                 for channel in self.alert_channels:
                     enqueue_alert(session, row, channel, payload)
-            session.commit()
-            self._log_outcome(bound, row)
+            with timings.phase("store_s"):
+                session.commit()
+            timings.seconds["total_s"] = time.perf_counter() - started
+            self._log_outcome(bound, row, timings)
             if row.below_threshold and self.alert_channels:
                 self.on_alert()
             return row
 
-    def _score_into(self, row: SeriesResult, series) -> None:
-        series = classify(series, self.min_slices)
-        keep_as = None
-        if self.archive_dir is not None:
-            keep_as = self.archive_dir / f"{row.series_instance_uid}_r{row.revision}.nii.gz"
-        volume = build_volume(series, keep_nifti_as=keep_as)
+    def _score_into(self, row: SeriesResult, series, timings: _Timings) -> None:
+        with timings.phase("volume_s"):
+            series = classify(series, self.min_slices)
+            keep_as = None
+            if self.archive_dir is not None:
+                keep_as = self.archive_dir / f"{row.series_instance_uid}_r{row.revision}.nii.gz"
+            volume = build_volume(series, keep_nifti_as=keep_as)
         result = self.scorer.score_volume(volume)
+        timings.seconds["preprocess_s"] = result.preprocessing_s
+        timings.seconds["inference_s"] = result.seconds - result.preprocessing_s
         row.status = SeriesStatus.SCORED
         row.reason = None
         row.score = result.score
@@ -123,9 +134,10 @@ class SeriesProcessor:
         row.model_sha256 = self.scorer.model_sha256
         row.nifti_path = str(keep_as) if keep_as is not None else None
 
-    def _log_outcome(self, bound, row: SeriesResult) -> None:
+    def _log_outcome(self, bound, row: SeriesResult, timings: _Timings) -> None:
         if row.status is SeriesStatus.SCORED:
-            bound.info("series_scored", score=round(row.score, 4), seconds=round(row.scoring_time_s, 2))
+            bound.info("series_scored", score=round(row.score, 4), seconds=round(row.scoring_time_s, 2),
+                       **timings.rounded())
             if row.below_threshold:
                 bound.warning(
                     "alert_raised",
@@ -138,6 +150,24 @@ class SeriesProcessor:
             bound.info("series_skipped", reason=row.reason)
         else:
             bound.warning("series_failed", reason=row.reason)
+
+
+class _Timings:
+    """Seconds spent in each phase of one series, for the log line that closes it (and bench/bench_latency)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def rounded(self) -> dict[str, float]:
+        return {name: round(value, 4) for name, value in self.seconds.items()}
 
 
 def _utc(timestamp: float) -> dt.datetime:

@@ -37,7 +37,8 @@ class Score:
     patch_scores: list[float]
     patch_origins: list[tuple[int, int, int]]
     volume_shape: tuple[int, int, int]  # after resampling and padding, the frame patch origins refer to
-    seconds: float
+    seconds: float  # preprocessing and inference together
+    preprocessing_s: float  # resampling, normalisation, padding (the rest of ``seconds`` is inference)
 
 
 def bundled_model_path() -> Path:
@@ -140,6 +141,7 @@ class Scorer:
         started = time.perf_counter()
         info = self.info
         prepared = prepare_volume(volume.data, volume.spacing_mm, info.spacing_mm, info.normalisation, info.patch_size)
+        prepared_at = time.perf_counter()
         origins = patch_grid(prepared.shape, info.patch_size, info.patch_step)
         scores: list[float] = []
         for start in range(0, len(origins), self.batch_size):
@@ -156,6 +158,7 @@ class Scorer:
             patch_origins=origins,
             volume_shape=tuple(int(s) for s in prepared.shape),
             seconds=time.perf_counter() - started,
+            preprocessing_s=prepared_at - started,
         )
 
     def describe(self) -> dict:

@@ -63,6 +63,7 @@ class Daemon:
             settings.assembly.use_expected_count,
             submit=self.work.submit,
             count_spooled=lambda uid: len(self.spool.instance_paths(uid)),
+            min_slices=settings.assembly.min_slices,
         )
         self.intake = Intake(
             self.spool,
@@ -106,7 +107,12 @@ class Daemon:
         self.work.start()
         self._ticker.start()
         self.alerts.start()
-        self.ae, self.server = start_listener(self.settings.dicom, self.intake)
+        self.ae, self.server = start_listener(
+            self.settings.dicom,
+            self.intake,
+            on_released=self.assembler.association_released,
+            on_ended=self.assembler.association_ended,
+        )
         if self.drop_folder is not None:
             self.drop_folder.start()
         _sd_notify("READY=1")

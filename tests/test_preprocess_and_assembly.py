@@ -87,7 +87,7 @@ class _Clock:
 def test_assembler_waits_for_the_quiet_period_and_respects_back_pressure():
     clock, accepted, queue_open = _Clock(), [], [False]
     assembler = Assembler(10.0, True, submit=lambda uid: queue_open[0] and not accepted.append(uid),
-                          count_spooled=lambda uid: 0, clock=clock)
+                          count_spooled=lambda uid: 0, min_slices=16, clock=clock)
     assembler.instance_arrived(Arrival("1.2.3", "1.2.3.1", None))
     clock.now = 9.9
     assert assembler.tick() == []
@@ -101,7 +101,8 @@ def test_assembler_waits_for_the_quiet_period_and_respects_back_pressure():
 
 def test_assembler_completes_early_when_the_announced_count_is_in_the_spool():
     clock, spooled = _Clock(), {"1.2.3": 2}
-    assembler = Assembler(60.0, True, submit=lambda uid: True, count_spooled=spooled.get, clock=clock)
+    assembler = Assembler(60.0, True, submit=lambda uid: True, count_spooled=spooled.get, min_slices=16,
+                          clock=clock)
     for i in range(2):
         assembler.instance_arrived(Arrival("1.2.3", f"1.2.3.{i}", 3))
     assert assembler.tick() == []
@@ -112,7 +113,7 @@ def test_assembler_completes_early_when_the_announced_count_is_in_the_spool():
 def test_a_series_sent_back_for_a_retry_is_handed_over_again_after_its_delay():
     clock, accepted = _Clock(), []
     assembler = Assembler(10.0, True, submit=lambda uid: not accepted.append(uid), count_spooled=lambda uid: 5,
-                          clock=clock)
+                          min_slices=16, clock=clock)
     assembler.retry_later("1.2.3", delay_s=4.0)
     assert assembler.receiving() == ["1.2.3"]  # tracked (so the daemon is not idle), not yet due
     clock.now = 3.9
