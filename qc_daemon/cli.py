@@ -273,7 +273,7 @@ def cmd_score(args, settings: Settings) -> int:
         scorer = Scorer(settings.scoring)
         if path.is_dir():
             series = read_series(args.series or "offline", _pick_series(path, args.series))
-            volume = build_volume(classify(series, settings.assembly.min_slices))
+            volume = build_volume(classify(series, settings.assembly.min_slices, settings.assembly.phantom_keywords))
         else:
             volume = load_nifti(path)
         result = scorer.score_volume(volume)

@@ -48,6 +48,7 @@ class SeriesProcessor:
         scorer: Scorer,
         *,
         min_slices: int,
+        phantom_keywords: tuple[str, ...] = (),
         threshold: float,
         alert_channels: tuple[AlertChannel, ...],
         archive_dir: Path | None,
@@ -57,6 +58,7 @@ class SeriesProcessor:
         self.store = store
         self.scorer = scorer
         self.min_slices = min_slices
+        self.phantom_keywords = phantom_keywords
         self.threshold = threshold
         self.alert_channels = alert_channels
         self.archive_dir = archive_dir
@@ -116,7 +118,7 @@ class SeriesProcessor:
 
     def _score_into(self, row: SeriesResult, series, timings: _Timings) -> None:
         with timings.phase("volume_s"):
-            series = classify(series, self.min_slices)
+            series = classify(series, self.min_slices, self.phantom_keywords)
             keep_as = None
             if self.archive_dir is not None:
                 keep_as = self.archive_dir / f"{row.series_instance_uid}_r{row.revision}.nii.gz"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,9 +131,25 @@ def mr_images_only(series: SpooledSeries) -> SpooledSeries:
     return SpooledSeries(series.series_uid, tuple(paths), tuple(datasets), series.unreadable, series.too_large)
 
 
-def classify(series: SpooledSeries, min_slices: int) -> SpooledSeries:
+PHANTOM_FIELDS = ("PatientName", "PatientID", "StudyDescription", "SeriesDescription", "ProtocolName", "BodyPartExamined")
+
+
+def phantom_reason(datasets: Sequence[Dataset], keywords: Sequence[str]) -> str | None:
+    """Why the series is a QA phantom (the keyword and the field that holds it, never the field's value), or None."""
+    if not keywords or not datasets:
+        return None
+    pattern = re.compile(r"(?<![a-z0-9])(" + "|".join(re.escape(k.lower()) for k in keywords) + r")(?![a-z0-9])")
+    ds = datasets[0]
+    for name in PHANTOM_FIELDS:
+        match = pattern.search(str(ds.get(name, "") or "").lower())
+        if match:
+            return f"QA phantom ({match.group(1)!r} in {name}): scores describe heads, phantoms are not scored"
+    return None
+
+
+def classify(series: SpooledSeries, min_slices: int, phantom_keywords: Sequence[str] = ()) -> SpooledSeries:
     """The instances that make the volume; raises SeriesSkipped/SeriesFailed unless they look like one 3D
-    anatomical MR volume."""
+    anatomical MR volume of a person (``phantom_keywords``: see :func:`phantom_reason`)."""
     if not series.datasets:
         detail = "; ".join(series.unreadable[:3])
         raise SeriesFailed(f"no readable DICOM instance ({detail})")
@@ -140,6 +158,9 @@ def classify(series: SpooledSeries, min_slices: int) -> SpooledSeries:
         names = ", ".join((UID(uid).name or uid)[:64] if uid else "missing" for uid in sorted(classes)[:5])
         raise SeriesSkipped(f"not an MR image series (SOP class {names})")
     series = mr_images_only(series)
+    phantom = phantom_reason(series.datasets, phantom_keywords)
+    if phantom:
+        raise SeriesSkipped(phantom)
     image_types = {str(v).upper() for ds in series.datasets for v in _multi(ds.get("ImageType"))}
     if "LOCALIZER" in image_types:
         raise SeriesSkipped("localizer (ImageType LOCALIZER)")

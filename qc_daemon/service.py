@@ -47,6 +47,7 @@ class Daemon:
             self.store,
             self.scorer,
             min_slices=settings.assembly.min_slices,
+            phantom_keywords=settings.assembly.phantom_keywords,
             threshold=settings.alerts.threshold,
             alert_channels=enabled_channels(settings.alerts),
             archive_dir=storage.archive_path if storage.keep_nifti else None,

@@ -176,6 +176,10 @@ class AssemblySettings(Section):
     workers: int = Field(1, ge=1)
     # Series waiting to be scored before new ones back up into the spool (they are never dropped).
     max_queue: int = Field(64, ge=1)
+    # A series whose patient name or ID, study or series description, protocol name or body part holds one of
+    # these words (whole words, any case) is a QA phantom: recorded as skipped ("QA phantom"), never scored or
+    # alerted on; the learned score describes heads. Empty: score phantoms like any volume.
+    phantom_keywords: tuple[str, ...] = ("phantom", "qa", "fbirn", "acr")
 
 
 class ScoringSettings(Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,3 +110,30 @@ def test_good_series_is_scored(pipeline, axis_slices):
     row = pipeline.process(classic_series(phantom((40, 40, axis_slices))))
     assert row.status is SeriesStatus.SCORED, row.reason
     assert np.isfinite(row.score)
+
+
+def test_qa_phantoms_are_recognised_by_their_headers_and_skipped():
+    from qc_daemon.series import SeriesSkipped, SpooledSeries, classify, phantom_reason
+
+    series = classic_series(phantom((32, 32, 20)))
+    keywords = ("phantom", "qa", "fbirn", "acr")
+    assert phantom_reason(series, keywords) is None  # a person's series
+    for field, value in (
+        ("PatientName", "PHANTOM^ACR"),
+        ("SeriesDescription", "Daily QA T1"),
+        ("BodyPartExamined", "PHANTOM"),
+        ("ProtocolName", "fBIRN_stability"),
+    ):
+        tagged = [copy.deepcopy(ds) for ds in series]
+        for ds in tagged:
+            setattr(ds, field, value)
+        reason = phantom_reason(tagged, keywords)
+        assert reason and field in reason and value not in reason  # names the field, never its value
+        with pytest.raises(SeriesSkipped, match="QA phantom"):
+            classify(SpooledSeries("1.2", tuple(Path(f"{i}.dcm") for i in range(len(tagged))), tuple(tagged), ()), 16, keywords)
+        assert classify(SpooledSeries("1.2", tuple(Path(f"{i}.dcm") for i in range(len(tagged))), tuple(tagged), ()), 16, ()) is not None  # [] scores phantoms too
+    # whole words only: "aqua" or "acronym" in a description is not a phantom
+    tagged = [copy.deepcopy(ds) for ds in series]
+    for ds in tagged:
+        ds.SeriesDescription = "T1 aquarius acronym"
+    assert phantom_reason(tagged, keywords) is None
