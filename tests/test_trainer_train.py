@@ -129,10 +129,16 @@ def test_evaluate_cli_writes_a_report(tmp_path):
 @pytest.mark.shared_data
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/t1w is absent")
 def test_shared_data_is_found():
-    from trainer.data import find_clean_subjects
+    """The default config's four sites are all there, and its subject cap picks 14 + 30 + 1 + 1 of them."""
+    from trainer.config import load_config
+    from trainer.data import find_clean_subjects, select_subjects
 
-    subjects = find_clean_subjects([SHARED / "ds000011", SHARED / "ds002748"])
-    assert len(subjects) == 32 and {s.dataset for s in subjects} == {"ds000011", "ds002748"}
+    config = load_config("trainer/configs/default.toml")
+    subjects = find_clean_subjects([SHARED / Path(root).name for root in config.data.roots])
+    counts = {d: sum(s.dataset == d for s in subjects) for d in ("ds000011", "ds002748", "ds002608", "studyforrest")}
+    assert counts == {"ds000011": 14, "ds002748": 52, "ds002608": 1, "studyforrest": 1}
+    chosen = select_subjects(subjects, config.data)
+    assert len(chosen) == 14 + 30 + 1 + 1
 
 
 def test_sanity_plot_from_json(tmp_path):

@@ -1,4 +1,4 @@
-"""``python -m trainer {prepare,train,evaluate,ablation,baseline,pca,sanity}`` (run from the repository root)."""
+"""``python -m trainer {prepare,train,evaluate,ablation,baseline,pca,sanity,unseen,loso}`` (run from the repository root)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/sanity", help="output prefix (.md, .json, .png)")
     p.add_argument("--per-dataset", type=int, default=2)
     p.add_argument("--at", choices=("native", "model"), default="native", help="where the artifacts are applied")
+
+    p = sub.add_parser("unseen", help="the exported model on the shared human DICOM of two unseen sites (MD + JSON)")
+    p.add_argument("model", help="the exported .onnx")
+    p.add_argument("--out", default="runs/unseen", help="output prefix (.md, .json)")
+    p.add_argument("--dicom-root", default="../shared/data/dicom")
+
+    p = sub.add_parser("loso", help="leave-one-site-out: train without each site, report on it (MD + JSON)")
+    p.add_argument("--config", default="trainer/configs/default.toml")
+    p.add_argument("--out", default="runs/loso")
+    p.add_argument("--epochs", type=int, default=8, help="reduced budget: epochs per run")
+    p.add_argument("--volumes-per-epoch", type=int, default=150, help="reduced budget: training volumes per epoch")
 
     args = parser.parse_args(argv)
     from trainer.config import ConfigError, load_config, replace
@@ -116,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"model refused: {exc}", file=sys.stderr)
                 return 1
             print(Path(args.out + ".md").read_text())
+        elif args.command == "unseen":
+            from trainer.generalisation import unseen_sites
+
+            print(unseen_sites(args.model, args.out, args.dicom_root).read_text())
+        elif args.command == "loso":
+            from trainer.generalisation import leave_one_site_out
+
+            config = load_config(args.config)
+            print(leave_one_site_out(config, args.out, args.epochs, args.volumes_per_epoch).read_text())
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,291 @@
+"""Does the score work on a site the model never saw? What a technologist needs: alerts and false alarms.
+
+Metrics (:func:`site_report`) over scored observations (one scan of one subject at one artifact kind and
+severity, severity 0 = clean), each with a subject-level bootstrap CI:
+
+* **false-alarm rate**: clean scans scored below the alert threshold (want <= 5 %);
+* **detection rate**, per artifact kind: scans at the repeat severity (``artifacts.REPEAT_SEVERITY``) and at the
+  severe level (one above) scored below the threshold (want >= 80 % of the severe level);
+* **AUC** clean vs each severity (want >= 0.95 severe, >= 0.9 moderate);
+* **Spearman(score, severity)** pooled across heads (want >= 0.8) and the mean within one head and kind (>= 0.9).
+
+Two sources of observations:
+
+* :func:`observe_volumes`: clean volumes of unseen sites (e.g. the shared human DICOM series, built by the
+  daemon's own code) degraded with ``trainer.artifacts`` on their own grid and scored by the daemon's
+  :class:`~qc_daemon.scorer.Scorer` (``python -m trainer unseen``);
+* :func:`observe_items`: a leave-one-site-out run's held-out cache items, scored like the daemon does
+  (``python -m trainer loso``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from trainer import artifacts
+from trainer.metrics import Estimate, bootstrap_ci
+
+SEVERE = artifacts.REPEAT_SEVERITY + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    site: str
+    subject: str
+    kind: str  # "clean" or an artifact kind
+    severity: int  # 0 = clean
+    score: float
+
+
+def _rate_below(threshold: float, severity: int) -> Callable[[np.ndarray, np.ndarray], float]:
+    def metric(scores: np.ndarray, severities: np.ndarray) -> float:
+        chosen = scores[severities == severity]
+        return float(np.mean(chosen < threshold)) if chosen.size else float("nan")
+
+    return metric
+
+
+def _auc(severity: int) -> Callable[[np.ndarray, np.ndarray], float]:
+    """P(a clean scan scores higher than one at ``severity``); ties count half."""
+
+    def metric(scores: np.ndarray, severities: np.ndarray) -> float:
+        clean, bad = scores[severities == 0], scores[severities == severity]
+        if not clean.size or not bad.size:
+            return float("nan")
+        diff = clean[:, None] - bad[None, :]
+        return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
+
+    return metric
+
+
+def _spearman(scores: np.ndarray, severities: np.ndarray) -> float:
+    if np.unique(severities).size < 2 or np.unique(scores).size < 2:
+        return float("nan")
+    return float(-stats.spearmanr(scores, severities).statistic)  # higher severity, lower score: positive
+
+
+def site_report(observations: Sequence[Observation], threshold: float, n_boot: int = 1000) -> dict[str, Any]:
+    """Every metric of the module docstring, pooled over ``observations`` and per artifact kind."""
+    obs = list(observations)
+    groups = [f"{o.site}/{o.subject}" for o in obs]
+    scores = np.array([o.score for o in obs], dtype=np.float64)
+    sev = np.array([o.severity for o in obs])
+    kinds = sorted({o.kind for o in obs} - {"clean"})
+
+    def est(metric, mask=None) -> Estimate:
+        m = np.ones(len(obs), bool) if mask is None else mask
+        return bootstrap_ci(metric, scores[m], sev[m], n_boot=n_boot, groups=np.asarray(groups)[m])
+
+    clean = np.array([o.kind == "clean" for o in obs])
+    report: dict[str, Any] = {
+        "n": len(obs),
+        "subjects": len(set(groups)),
+        "threshold": threshold,
+        "false_alarm": est(_rate_below(threshold, 0)),
+        "clean_min": float(scores[clean].min()) if clean.any() else float("nan"),
+        "pooled": {
+            "spearman": est(_spearman),
+            "within_head": _within_head(obs),
+            **{f"auc_sev{s}": est(_auc(s)) for s in range(1, artifacts.MAX_SEVERITY + 1)},
+            **{f"detect_sev{s}": est(_rate_below(threshold, s)) for s in (artifacts.REPEAT_SEVERITY, SEVERE)},
+        },
+        "kinds": {},
+    }
+    for kind in kinds:
+        mask = clean | np.array([o.kind == kind for o in obs])
+        report["kinds"][kind] = {
+            "spearman": est(_spearman, mask),
+            "auc_moderate": est(_auc(artifacts.REPEAT_SEVERITY - 1), mask),
+            "auc_severe": est(_auc(SEVERE), mask),
+            "detect_repeat": est(_rate_below(threshold, artifacts.REPEAT_SEVERITY), mask),
+            "detect_severe": est(_rate_below(threshold, SEVERE), mask),
+            "mean_by_severity": [
+                _mean([o.score for o in obs if (o.kind == kind and o.severity == s) or (s == 0 and o.kind == "clean")])
+                for s in range(artifacts.MAX_SEVERITY + 1)
+            ],
+        }
+    return report
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _within_head(obs: Sequence[Observation]) -> float:
+    """Mean Spearman(score, severity) within one subject and one kind (clean scans included as severity 0)."""
+    values = []
+    for subject in {(o.site, o.subject) for o in obs}:
+        mine = [o for o in obs if (o.site, o.subject) == subject]
+        for kind in {o.kind for o in mine} - {"clean"}:
+            chosen = [o for o in mine if o.kind in (kind, "clean")]
+            v = _spearman(np.array([o.score for o in chosen]), np.array([o.severity for o in chosen]))
+            if np.isfinite(v):
+                values.append(v)
+    return _mean(values)
+
+
+def report_markdown(title: str, report: dict[str, Any]) -> str:
+    """One site report as Markdown tables."""
+    p = report["pooled"]
+    lines = [
+        f"### {title}",
+        "",
+        f"{report['n']} scans of {report['subjects']} heads; alert threshold {report['threshold']}; 95 % CIs from a "
+        "subject-level bootstrap.",
+        "",
+        "| false alarms (clean < threshold) | lowest clean score | Spearman pooled | Spearman within a head |"
+        f" detection at severity {artifacts.REPEAT_SEVERITY} | detection at severity {SEVERE} |",
+        "|---|---|---|---|---|---|",
+        f"| {report['false_alarm']} | {report['clean_min']:.3f} | {p['spearman']} | {p['within_head']:.3f} | "
+        f"{p[f'detect_sev{artifacts.REPEAT_SEVERITY}']} | {p[f'detect_sev{SEVERE}']} |",
+        "",
+        "| AUC clean vs | " + " | ".join(f"sev {s}" for s in range(1, artifacts.MAX_SEVERITY + 1)) + " |",
+        "|---|" + "---|" * artifacts.MAX_SEVERITY,
+        "| all kinds | " + " | ".join(str(p[f"auc_sev{s}"]) for s in range(1, artifacts.MAX_SEVERITY + 1)) + " |",
+        "",
+        "| kind | Spearman | AUC moderate | AUC severe | detection (repeat) | detection (severe) | mean score by "
+        "severity 0..5 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, k in report["kinds"].items():
+        means = " / ".join(f"{v:.2f}" if np.isfinite(v) else "-" for v in k["mean_by_severity"])
+        lines.append(
+            f"| {kind} | {k['spearman']} | {k['auc_moderate']} | {k['auc_severe']} | {k['detect_repeat']} | "
+            f"{k['detect_severe']} | {means} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def to_json(report: dict[str, Any]) -> str:
+    def plain(value: Any) -> Any:
+        if isinstance(value, Estimate):
+            return dataclasses.asdict(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return json.dumps(plain(report), indent=1)
+
+
+# ------------------------------------------------------------------------------------------ observations
+
+
+def observe_volumes(
+    scorer,
+    volumes: dict[str, Any],
+    kinds: Sequence[str] = ("noise", "motion", "ghosting", "blur", "spike"),
+    seeds: Sequence[int] = (1, 2),
+    site_of: Callable[[str], str] = lambda name: name,
+) -> list[Observation]:
+    """Score each clean volume (a ``qc_daemon.volume.Volume``) and its degraded versions at every severity.
+
+    The artifacts are applied on the volume's own grid, along an in-plane phase-encode axis.
+    """
+    from qc_daemon.volume import Volume
+
+    out = []
+    for name, volume in volumes.items():
+        spacing = tuple(float(s) for s in volume.spacing_mm)
+        finest = min(spacing)
+        pe_axis = max(i for i, s in enumerate(spacing) if s < 1.5 * finest)
+
+        def score(data: np.ndarray) -> float:
+            return scorer.score_volume(Volume(data.astype(np.float32), volume.spacing_mm, volume.affine)).score
+
+        out.append(Observation(site_of(name), name, "clean", 0, score(volume.data)))
+        for kind in kinds:
+            for severity in range(1, artifacts.MAX_SEVERITY + 1):
+                for seed in seeds:
+                    degraded, _ = artifacts.degrade(volume.data, spacing, kind, severity, seed, pe_axis)
+                    out.append(Observation(site_of(name), name, kind, severity, score(degraded)))
+    return out
+
+
+def observe_items(items, scores: Sequence[float]) -> list[Observation]:
+    """Observations from scored cache items (single-artifact and clean versions; mixtures left out)."""
+    return [
+        Observation(item.dataset, item.subject, item.kind, item.severity, float(s))
+        for item, s in zip(items, scores, strict=True)
+        if item.kind != "mixture"
+    ]
+
+
+def write_report(out_prefix: str | Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """``{out_prefix}.md`` with one section per report, and ``.json``."""
+    out = Path(out_prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(report_markdown(t, r) for t, r in sections.items()))
+    out.with_suffix(".json").write_text("{" + ",".join(f"{json.dumps(t)}: {to_json(r)}" for t, r in sections.items()) + "}")
+    return out.with_suffix(".md")
+
+
+# ------------------------------------------------------------------------------------------ the commands
+
+UNSEEN_DICOM = ("philips_elitionx_t1_mprage_3d", "siemens_prisma_t1_2d_sag")
+
+
+def unseen_sites(model: str | Path, out_prefix: str | Path, dicom_root: str | Path, threshold: float = 0.5) -> Path:
+    """``python -m trainer unseen``: the exported model, through the daemon's scorer, on the shared human DICOM
+    series of two sites no training config uses (Philips Ingenia Elition X 3D T1, Siemens Prisma 2D T1)."""
+    from qc_daemon.scorer import Scorer
+    from qc_daemon.series import classify, read_series
+    from qc_daemon.settings import ScoringSettings
+    from qc_daemon.volume import build_volume
+
+    scorer = Scorer(ScoringSettings(model_path=str(model), device="cpu"))
+    volumes = {}
+    for name in UNSEEN_DICOM:
+        folder = Path(dicom_root) / name
+        paths = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
+        volumes[name] = build_volume(classify(read_series(name, paths), min_slices=5))
+    report = site_report(observe_volumes(scorer, volumes, seeds=(1, 2, 3)), threshold)
+    return write_report(out_prefix, {f"Unseen sites: {', '.join(UNSEEN_DICOM)} ({Path(model).name})": report})
+
+
+def leave_one_site_out(config, out_dir: str | Path, epochs: int, volumes_per_epoch: int, threshold: float = 0.5):
+    """``python -m trainer loso``: for every dataset (site) of ``config.data.roots``, train on the others at the
+    given (reduced) budget and report on that site's cached versions, scored like the daemon does."""
+    import torch
+
+    from trainer.checkpoint import load_checkpoint
+    from trainer.config import replace
+    from trainer.data import build_cache, split_items
+    from trainer.model import build_model
+    from trainer.train import predict_items, select_device, train
+
+    out_dir = Path(out_dir)
+    roots = list(config.data.roots)
+    sections: dict[str, dict[str, Any]] = {}
+    pooled: list[Observation] = []
+    for held_out in roots:
+        site = Path(held_out).name
+        others = [r for r in roots if r != held_out]
+        run = replace(
+            config,
+            data={"split": "cross", "train_roots": others, "test_roots": [held_out]},
+            train={"epochs": epochs, "volumes_per_epoch": volumes_per_epoch, "out_dir": str(out_dir / site)},
+        )
+        best = train(run)
+        ckpt = load_checkpoint(best)
+        model = build_model(ckpt.model_config)
+        model.load_state_dict(ckpt.state_dict)
+        device = select_device(run.train.device)
+        model.to(device)
+        test = split_items(build_cache(run.data), run.data, seed=run.train.seed)["test"]
+        with torch.no_grad():
+            scores = predict_items(model, test, run, device)
+        observations = observe_items(test, scores)
+        pooled += observations
+        sections[f"Left out: {site} (trained on {', '.join(Path(r).name for r in others)})"] = site_report(
+            observations, threshold
+        )
+        write_report(out_dir / "loso", sections)
+    sections["All left-out sites pooled"] = site_report(pooled, threshold)
+    return write_report(out_dir / "loso", sections)
