@@ -9,9 +9,11 @@ import time
 
 import nibabel as nib
 import numpy as np
+import pytest
 from dicom_factory import classic_series, phantom, write_series
 
 from qc_daemon.cli import main
+from qc_daemon.settings import load_settings
 from qc_daemon.store import AlertState, SeriesStatus, alerts_for, history, revisions
 
 
@@ -82,7 +84,11 @@ def test_score_nifti_offline(tmp_path, capsys):
     nib.save(image, path)
     assert main(["--config", str(_config(tmp_path)), "score", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert 0.0 <= out["score"] <= 1.0 and out["patches"] >= 1
+    from qc_daemon.scorer import Scorer
+    from qc_daemon.volume import load_nifti
+
+    expected = Scorer(load_settings(_config(tmp_path)).scoring).score_volume(load_nifti(path))
+    assert out["score"] == pytest.approx(expected.score) and out["patches"] == len(expected.patch_scores) >= 1
 
 
 def test_score_dicom_folder_offline_matches_the_daemon(daemon_factory, tmp_path, capsys):

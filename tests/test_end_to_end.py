@@ -7,6 +7,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import numpy as np
 import pytest
 from conftest import send_datasets
 from dicom_factory import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, classic_series, enhanced_series, phantom
@@ -31,7 +32,7 @@ def test_series_is_scored_and_recorded(daemon_factory, log_stream):
     assert daemon.wait_idle(60)
     (row,) = _rows(daemon, uid)
     assert row.status is SeriesStatus.SCORED, row.reason
-    assert 0.0 <= row.score <= 1.0
+    assert row.score == pytest.approx(min(1.0, max(0.0, float(np.mean(row.patch_scores)))))  # mean of its patches
     assert row.instances == 40
     assert row.calling_ae == "TEST_SCU"
     assert row.station_name == "MR_TEST_1"
