@@ -367,7 +367,7 @@ def cmd_send(args, settings: Settings) -> int:
     )
     report.skipped = skipped
     print("\n".join(report.summary_lines()))
-    return EXIT_OK if report.ok else EXIT_FAILURE
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def cmd_check_config(args, settings: Settings) -> int:

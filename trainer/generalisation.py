@@ -245,7 +245,12 @@ def unseen_sites(model: str | Path, out_prefix: str | Path, dicom_root: str | Pa
         folder = Path(dicom_root) / name
         paths = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
         volumes[name] = build_volume(classify(read_series(name, paths), min_slices=5))
-    report = site_report(observe_volumes(scorer, volumes, seeds=(1, 2, 3)), threshold)
+    observations = observe_volumes(scorer, volumes, seeds=(1, 2, 3))
+    Path(out_prefix).with_suffix(".observations.json").write_text(
+        json.dumps([dataclasses.asdict(o) for o in observations])
+    )
+    plot_alerts(observations, threshold, Path(out_prefix).with_suffix(".png"), f"Unseen sites, {Path(model).name}")
+    report = site_report(observations, threshold)
     return write_report(out_prefix, {f"Unseen sites: {', '.join(UNSEEN_DICOM)} ({Path(model).name})": report})
 
 
@@ -289,3 +294,38 @@ def leave_one_site_out(config, out_dir: str | Path, epochs: int, volumes_per_epo
         write_report(out_dir / "loso", sections)
     sections["All left-out sites pooled"] = site_report(pooled, threshold)
     return write_report(out_dir / "loso", sections)
+
+
+def plot_alerts(observations: Sequence[Observation], threshold: float, out_png: str | Path, title: str) -> Path:
+    """What alerts and what does not: every scan's score by artifact kind and physical severity, per head, with
+    the alert threshold; severities labelled in physical units (``artifacts.SEVERITY_TABLE``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in artifacts.KINDS if any(o.kind == k for o in observations)]
+    heads = sorted({(o.site, o.subject) for o in observations})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.1 * len(kinds), 3.4), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, kind in zip(axes, kinds, strict=True):
+        for h, head in enumerate(heads):
+            pts = [(0, o.score) for o in observations if (o.site, o.subject) == head and o.kind == "clean"]
+            pts += [(o.severity, o.score) for o in observations if (o.site, o.subject) == head and o.kind == kind]
+            x, y = zip(*sorted(pts), strict=True)
+            ax.plot(np.asarray(x) + 0.06 * (h - len(heads) / 2), y, "o", ms=3.5, alpha=0.75, label=head[1][:18])
+        ax.axhline(threshold, color="crimson", lw=1)
+        ax.axvspan(artifacts.REPEAT_SEVERITY - 0.5, artifacts.MAX_SEVERITY + 0.5, color="crimson", alpha=0.06)
+        table = artifacts.SEVERITY_TABLE[kind]
+        ax.set_xticks(range(artifacts.MAX_SEVERITY + 1), [f"{v:g}" for v in table], fontsize=7)
+        ax.set_xlabel(f"{kind}: {artifacts.UNITS[kind]}", fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("score (alert below the red line)")
+    axes[-1].legend(fontsize=6, loc="lower left")
+    fig.suptitle(title + "  (shaded: severity a technologist would repeat)", fontsize=9)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
