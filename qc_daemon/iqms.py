@@ -308,12 +308,17 @@ class _Tissue:
 
 def compute_iqms(volume: np.ndarray, spacing_mm: tuple[float, float, float]) -> IqmReport:
     """All IQMs of a volume in its own intensities and grid (not normalised, not resampled: both change the
-    noise). Never raises: a metric that cannot be computed is None with its reason in ``errors``."""
+    noise). Never raises: a metric that cannot be computed is None with its reason in ``errors``.
+
+    Order of dependence: efc needs nothing; fber and noise_sigma need the head mask; the rest need the head
+    mask and the 3 tissue classes too (snrd and cnr also the air). A failed step nulls what depends on it.
+    """
     v = np.asarray(volume, dtype=np.float32)
     values: dict[str, float | None] = {}
     errors: dict[str, str] = {}
 
     def attempt(names: tuple[str, ...], compute: Callable[[], dict[str, float]]) -> None:
+        reason = ""
         try:
             computed = compute()
         except IqmError as exc:
@@ -328,12 +333,25 @@ def compute_iqms(volume: np.ndarray, spacing_mm: tuple[float, float, float]) -> 
             if value is None:
                 errors[name] = reason
 
+    def report() -> IqmReport:
+        return IqmReport({name: values[name] for name in IQM_NAMES}, errors)
+
+    def skip(names: tuple[str, ...], because: str) -> None:
+        for name in names:
+            values[name], errors[name] = None, errors[because]
+
     masks: dict[str, np.ndarray] = {}
     stats: dict[str, _Tissue] = {}
 
-    def head_and_tissues() -> dict[str, float]:
-        masks["head"] = head_mask(v)
-        for tissue, mask in tissue_masks(v, masks["head"]).items():
+    attempt(("efc",), lambda: {"efc": efc(v)})
+    attempt(("fber",), lambda: {"fber": fber(v, masks.setdefault("head", head_mask(v)))})
+    if "head" not in masks:
+        skip(tuple(name for name in IQM_NAMES if name not in values), because="fber")
+        return report()
+    head = masks["head"]
+
+    def tissues() -> dict[str, float]:
+        for tissue, mask in tissue_masks(v, head).items():
             inside = v[mask].astype(np.float64)
             if inside.size < MIN_CLASS_VOXELS:
                 raise IqmError(f"tissue class {tissue} has only {inside.size} voxels")
@@ -343,33 +361,33 @@ def compute_iqms(volume: np.ndarray, spacing_mm: tuple[float, float, float]) -> 
         out["snr_total"] = float(np.mean(list(out.values())))
         return out
 
-    attempt(("snr_csf", "snr_gm", "snr_wm", "snr_total"), head_and_tissues)
-    attempt(("efc",), lambda: {"efc": efc(v)})
-    if "head" not in masks or len(stats) < 3:
-        reason = errors.get("snr_total", "no head mask")
-        for name in IQM_NAMES:
-            if name not in values:
-                values[name], errors[name] = None, reason
-        return IqmReport({name: values[name] for name in IQM_NAMES}, errors)
-
-    head, wm = masks["head"], masks["wm"]
-    gm, white = stats["gm"], stats["wm"]
-
-    def air_metrics() -> dict[str, float]:
+    def noise() -> dict[str, float]:
         air = v[air_mask(v, head)]
-        sigma = noise_sigma(air)
+        noise_found["sigma_air"] = float(air.std())
+        return {"noise_sigma": noise_sigma(air)}
+
+    def against_air() -> dict[str, float]:
+        sigma = values["noise_sigma"]
         out = {f"snrd_{t}": snr_dietrich(s.mean, sigma) for t, s in stats.items()}
         out["snrd_total"] = float(np.mean(list(out.values())))
-        out["noise_sigma"] = sigma
-        out["cnr"] = cnr(white.mean, gm.mean, float(air.std()), white.std, gm.std)
+        out["cnr"] = cnr(stats["wm"].mean, stats["gm"].mean, noise_found["sigma_air"], stats["wm"].std, stats["gm"].std)
         return out
 
-    def inu() -> dict[str, float]:
-        return {"inu_range": inu_range(bias_field(v, wm, spacing_mm))}
-
-    attempt(("snrd_csf", "snrd_gm", "snrd_wm", "snrd_total", "noise_sigma", "cnr"), air_metrics)
-    attempt(("cjv",), lambda: {"cjv": cjv(white.mean, gm.mean, white.std, gm.std)})
-    attempt(("fber",), lambda: {"fber": fber(v, head)})
-    attempt(("wm2max",), lambda: {"wm2max": wm2max(v, white.median)})
-    attempt(("inu_range",), inu)
-    return IqmReport({name: values[name] for name in IQM_NAMES}, errors)
+    noise_found: dict[str, float] = {}
+    attempt(("snr_csf", "snr_gm", "snr_wm", "snr_total"), tissues)
+    attempt(("noise_sigma",), noise)
+    against_air_names = ("snrd_csf", "snrd_gm", "snrd_wm", "snrd_total", "cnr")
+    if len(stats) < 3:
+        skip(against_air_names, because="snr_total")
+    elif values["noise_sigma"] is None:
+        skip(against_air_names, because="noise_sigma")
+    else:
+        attempt(against_air_names, against_air)
+    if len(stats) < 3:
+        skip(("cjv", "wm2max", "inu_range"), because="snr_total")
+        return report()
+    gm, wm = stats["gm"], stats["wm"]
+    attempt(("cjv",), lambda: {"cjv": cjv(wm.mean, gm.mean, wm.std, gm.std)})
+    attempt(("wm2max",), lambda: {"wm2max": wm2max(v, wm.median)})
+    attempt(("inu_range",), lambda: {"inu_range": inu_range(bias_field(v, masks["wm"], spacing_mm))})
+    return report()
