@@ -138,10 +138,16 @@ def tissue_labels(volume: np.ndarray, head: np.ndarray, iterations: int = 50) ->
 
 def tissue_masks(volume: np.ndarray, head: np.ndarray) -> dict[str, np.ndarray]:
     """CSF, GM and WM masks for tissue statistics: :func:`tissue_labels` of the volume smoothed by a Gaussian of
-    1 voxel (spatially coherent classes), each eroded by 1 voxel (no partial volume at class borders). The
+    1 voxel (spatially coherent classes), each eroded by 1 voxel (no partial volume at class borders) unless
+    that leaves fewer than :data:`MIN_CLASS_VOXELS` (a class thinner than 3 voxels is kept whole). The
     statistics are taken on the unsmoothed intensities, so they keep the noise."""
     labels = tissue_labels(ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), 1.0), head)
-    return {tissue: ndimage.binary_erosion(labels == k) for k, tissue in enumerate(TISSUES, start=1)}
+    masks = {}
+    for k, tissue in enumerate(TISSUES, start=1):
+        whole = labels == k
+        eroded = ndimage.binary_erosion(whole)
+        masks[tissue] = eroded if eroded.sum() >= MIN_CLASS_VOXELS else whole
+    return masks
 
 
 # ---- metrics (pure functions of numbers and arrays) --------------------------------------------------------
@@ -152,8 +158,10 @@ def snr(mu_fg: float, sigma_fg: float, n_fg: int) -> float:
 
     Higher is better. ``snr_total`` is the mean over CSF, GM and WM. MRIQC ``snr``; Esteban et al. 2017.
     """
-    if n_fg < 2 or sigma_fg <= 0:
-        raise IqmError(f"tissue of {n_fg} voxels with std {sigma_fg:g} has no SNR")
+    if n_fg < 2:
+        raise IqmError(f"tissue of {n_fg} voxel(s) has no SNR")
+    if sigma_fg <= 0:
+        raise IqmError("noise-free tissue (std 0): SNR unbounded")
     return float(mu_fg / (sigma_fg * math.sqrt(n_fg / (n_fg - 1))))
 
 
@@ -334,7 +342,7 @@ def compute_iqms(volume: np.ndarray, spacing_mm: tuple[float, float, float]) -> 
                 errors[name] = reason
 
     def report() -> IqmReport:
-        return IqmReport({name: values[name] for name in IQM_NAMES}, errors)
+        return IqmReport({name: values[name] for name in IQM_NAMES}, {n: e for n, e in errors.items() if n in IQM_NAMES})
 
     def skip(names: tuple[str, ...], because: str) -> None:
         for name in names:
@@ -357,9 +365,7 @@ def compute_iqms(volume: np.ndarray, spacing_mm: tuple[float, float, float]) -> 
                 raise IqmError(f"tissue class {tissue} has only {inside.size} voxels")
             stats[tissue] = _Tissue(float(inside.mean()), float(np.median(inside)), float(inside.std()), inside.size)
             masks[tissue] = mask
-        out = {f"snr_{t}": snr(s.mean, s.std, s.n) for t, s in stats.items()}
-        out["snr_total"] = float(np.mean(list(out.values())))
-        return out
+        return {}
 
     def noise() -> dict[str, float]:
         air = v[air_mask(v, head)]
@@ -374,17 +380,28 @@ def compute_iqms(volume: np.ndarray, spacing_mm: tuple[float, float, float]) -> 
         return out
 
     noise_found: dict[str, float] = {}
-    attempt(("snr_csf", "snr_gm", "snr_wm", "snr_total"), tissues)
+    attempt(("tissues",), tissues)
+    if len(stats) < 3:
+        skip(("snr_csf", "snr_gm", "snr_wm", "snr_total"), because="tissues")
+    else:
+        for tissue, s in stats.items():
+            attempt((f"snr_{tissue}",), lambda s=s, tissue=tissue: {f"snr_{tissue}": snr(s.mean, s.std, s.n)})
+        per_tissue = [values[f"snr_{t}"] for t in TISSUES]
+        if None in per_tissue:
+            values["snr_total"], errors["snr_total"] = None, "SNR missing for a tissue: " + "; ".join(
+                errors[f"snr_{t}"] for t in TISSUES if values[f"snr_{t}"] is None)
+        else:
+            values["snr_total"] = float(np.mean(per_tissue))
     attempt(("noise_sigma",), noise)
     against_air_names = ("snrd_csf", "snrd_gm", "snrd_wm", "snrd_total", "cnr")
     if len(stats) < 3:
-        skip(against_air_names, because="snr_total")
+        skip(against_air_names, because="tissues")
     elif values["noise_sigma"] is None:
         skip(against_air_names, because="noise_sigma")
     else:
         attempt(against_air_names, against_air)
     if len(stats) < 3:
-        skip(("cjv", "wm2max", "inu_range"), because="snr_total")
+        skip(("cjv", "wm2max", "inu_range"), because="tissues")
         return report()
     gm, wm = stats["gm"], stats["wm"]
     attempt(("cjv",), lambda: {"cjv": cjv(wm.mean, gm.mean, wm.std, gm.std)})

@@ -145,3 +145,12 @@ def test_noise_on_a_real_t1_lowers_snr_and_raises_cjv():
     assert noisy.values["snr_total"] < clean.values["snr_total"]
     assert noisy.values["cjv"] > clean.values["cjv"]
     assert noisy.values["efc"] > clean.values["efc"]
+
+
+def test_a_noise_free_tissue_has_no_snr_but_keeps_its_other_metrics():
+    v = head()
+    v[v == 0] = np.random.default_rng(0).rayleigh(SIGMA, size=int((v == 0).sum()))  # noise in the air only
+    report = compute_iqms(v.astype(np.float32), SPACING)
+    assert report.values["snr_wm"] is None and "noise-free" in report.errors["snr_wm"]
+    assert report.values["snr_total"] is None and "noise-free" in report.errors["snr_total"]
+    assert report.values["cjv"] == 0.0 and report.values["noise_sigma"] == pytest.approx(SIGMA, rel=TOLERANCE)
