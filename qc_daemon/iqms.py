@@ -29,6 +29,7 @@ IQM_NAMES = (
 TISSUES = ("csf", "gm", "wm")
 DIETRICH_FACTOR = math.sqrt((4.0 - math.pi) / 2.0)  # std of a Rayleigh distribution over its sigma, 0.655
 MIN_AXIS_VOXELS = 8  # a volume thinner than this along any axis is too small for the masks
+HEAD_MASK_STEP = 2  # the head mask of a large volume is found on every second voxel
 MIN_CLASS_VOXELS = 27  # a mask or tissue class with fewer voxels gives no statistics
 AIR_MARGIN_VOXELS = 3  # the air mask starts this far outside the head mask (partial volume, ringing)
 AIR_MAX_FRACTION = 0.2  # air darker than this fraction of the head's median; brighter "air" is tissue
@@ -66,7 +67,8 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 def head_mask(volume: np.ndarray) -> np.ndarray:
     """The head: voxels of the smoothed volume (Gaussian, 2 voxels) above half Otsu's threshold, opened to drop
     noise specks, closed, holes filled in 3D and per axial slice (a head cut at the neck is open at the
-    bottom), the largest connected component kept.
+    bottom), the largest connected component kept. Volumes of 64 voxels or more along every axis are masked on
+    every second voxel (the morphology costs 8 times less; the mask's edge is then 2 voxels coarse).
 
     Otsu's threshold splits air and dark tissue from bright tissue; half of it lies between the air and the
     darkest tissue and, unlike a threshold set against the air, moves little when noise brightens the air.
@@ -77,6 +79,8 @@ def head_mask(volume: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(v)):
         raise IqmError("volume holds NaN or infinite values")
     smooth = ndimage.gaussian_filter(v, 2.0)
+    step = HEAD_MASK_STEP if min(v.shape) >= HEAD_MASK_STEP * 32 else 1  # coarse grid for the morphology
+    smooth = smooth[::step, ::step, ::step]
     mask = smooth > otsu_threshold(smooth) / 2
     mask = ndimage.binary_opening(mask, iterations=1)
     mask = ndimage.binary_closing(mask, iterations=2)
@@ -89,6 +93,9 @@ def head_mask(volume: np.ndarray) -> np.ndarray:
     if n > 1:
         sizes = np.bincount(labels.ravel())[1:]
         mask = labels == 1 + int(np.argmax(sizes))
+    if step > 1:
+        for axis, extent in enumerate(v.shape):
+            mask = np.repeat(mask, step, axis=axis)[(slice(None),) * axis + (slice(0, extent),)]
     if mask.sum() < MIN_CLASS_VOXELS:
         raise IqmError(f"head mask of {int(mask.sum())} voxels is too small")
     return mask
