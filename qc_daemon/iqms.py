@@ -1,8 +1,8 @@
 """Classical image quality metrics (IQMs) of a structural MR volume, in MRIQC's vocabulary.
 
 Numpy/scipy only, shared by the daemon (every scored series) and the trainer (the Table 2 baseline). The masks
-are simple on purpose: a head mask by Otsu's threshold on log intensities plus morphology, the air around it,
-and a 3-class split of the head by 1D k-means on its intensities. Tissue names assume T1 contrast (darkest
+are simple on purpose: a head mask by half Otsu's threshold of the smoothed volume plus morphology, the air
+around it, and a 3-class split of the head by 1D k-means on its intensities. Tissue names assume T1 contrast (darkest
 class = CSF, brightest = WM; the brightest class also holds fat, the darkest skull and partial volume), as in
 MRIQC's T1w report. :func:`compute_iqms` returns every metric of :data:`IQM_NAMES`, as a number or as None
 with the reason it could not be computed (a volume too small for the masks, no air around the head, a
@@ -201,7 +201,8 @@ def snr_dietrich(mu_fg: float, sigma_noise: float) -> float:
 
 def cnr(mu_wm: float, mu_gm: float, sigma_air: float, sigma_wm: float, sigma_gm: float) -> float:
     r"""Contrast-to-noise ratio of GM and WM:
-    :math:`\mathrm{CNR} = |\mu_\mathrm{GM} - \mu_\mathrm{WM}| / \sqrt{\sigma_\mathrm{air}^2 + \sigma_\mathrm{GM}^2 + \sigma_\mathrm{WM}^2}`,
+    :math:`\mathrm{CNR} = |\mu_\mathrm{GM} - \mu_\mathrm{WM}| /
+    \sqrt{\sigma_\mathrm{air}^2 + \sigma_\mathrm{GM}^2 + \sigma_\mathrm{WM}^2}`,
     :math:`\sigma_\mathrm{air}` the standard deviation of the air's intensities. Higher is better.
 
     Magnotta & Friedman 2006, J. Digit. Imaging 19(2):140; MRIQC ``cnr``.
@@ -349,7 +350,8 @@ def compute_iqms(volume: np.ndarray, spacing_mm: tuple[float, float, float]) -> 
                 errors[name] = reason
 
     def report() -> IqmReport:
-        return IqmReport({name: values[name] for name in IQM_NAMES}, {n: e for n, e in errors.items() if n in IQM_NAMES})
+        kept_errors = {name: reason for name, reason in errors.items() if name in IQM_NAMES}
+        return IqmReport({name: values[name] for name in IQM_NAMES}, kept_errors)
 
     def skip(names: tuple[str, ...], because: str) -> None:
         for name in names:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def caption_lines(caption: MontageCaption) -> list[str]:
     ]
 
 
-def _views(point: tuple[int, int, int]) -> list[tuple[str, callable, tuple[str, str]]]:
+def _views(point: tuple[int, int, int]) -> list[tuple[str, Callable[[np.ndarray], np.ndarray], tuple[str, str]]]:
     """(title, slicer of an (X, Y, Z) RAS array -> 2D array for imshow with origin='lower', side labels)."""
     x, y, z = point
     return [

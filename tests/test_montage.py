@@ -56,7 +56,9 @@ def test_patches_outside_the_map_are_refused():
         quality_map((8, 8, 8), [(0, 0, 0), (4, 0, 0)], 4, [0.5])
 
 
-@pytest.mark.parametrize(("shape", "spacing", "patch"), [((60, 50, 40), (1.0, 1.2, 1.5), 8), ((40, 40, 20), (1, 1, 1), 16)])
+@pytest.mark.parametrize(
+    ("shape", "spacing", "patch"), [((60, 50, 40), (1.0, 1.2, 1.5), 8), ((40, 40, 20), (1, 1, 1), 16)]
+)
 def test_the_model_grid_affine_places_model_voxels_where_resampling_took_them(shape, spacing, patch):
     affine = np.diag([*spacing, 1.0]) @ np.array([[1, 0, 0, -30], [0, 1, 0, 12], [0, 0, 1, 7], [0, 0, 0, 1.0]])
     world_x = (affine @ np.vstack([np.indices(shape).reshape(3, -1), np.ones(np.prod(shape))]))[0].reshape(shape)
