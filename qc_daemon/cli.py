@@ -256,9 +256,26 @@ def cmd_show(args, settings: Settings) -> int:
                     value = f"{_count(len(value), 'patch', 'patches')}, min {min(value):.3f}"
                 elif key == "patch_origins" and value:
                     value = "..."
+                elif key in ("montage_path", "quality_map_path") and value and not Path(value).exists():
+                    value = f"{value} (removed by retention)"
+                elif key == "iqm_errors":
+                    continue
+                elif key == "iqms" and value:
+                    print(key)
+                    for line in _iqm_lines(value, item.get("iqm_errors") or {}):
+                        print(f"  {line}")
+                    continue
                 print(f"{key:20} {value}")
             print()
     return EXIT_OK
+
+
+def _iqm_lines(iqms: dict, errors: dict) -> list[str]:
+    """One line per IQM: its value, or '-' and why it could not be computed."""
+    return [
+        f"{name:18} {value:.4g}" if value is not None else f"{name:18} -  ({errors.get(name, 'not computed')})"
+        for name, value in iqms.items()
+    ]
 
 
 def cmd_score(args, settings: Settings) -> int:

@@ -18,8 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qc_daemon.alerts import alert_payload, backoff_s
+from qc_daemon.findings import compute_findings, results_folder
 from qc_daemon.logs import get_logger
-from qc_daemon.scorer import Scorer
+from qc_daemon.montage import MontageCaption
+from qc_daemon.scorer import Score, Scorer
 from qc_daemon.series import SeriesFailed, SeriesSkipped, classify, read_series, series_facts
 from qc_daemon.spool import Spool
 from qc_daemon.store import (
@@ -33,7 +35,7 @@ from qc_daemon.store import (
     open_revision,
     utcnow,
 )
-from qc_daemon.volume import build_volume
+from qc_daemon.volume import Volume, build_volume
 
 log = get_logger(__name__)
 RETRY_INITIAL_S = 1.0  # first delay before a series whose processing raised is tried again
@@ -52,6 +54,7 @@ class SeriesProcessor:
         threshold: float,
         alert_channels: tuple[AlertChannel, ...],
         archive_dir: Path | None,
+        results_dir: Path | None = None,
         on_alert: Callable[[], None] = lambda: None,
     ):
         self.spool = spool
@@ -62,6 +65,7 @@ class SeriesProcessor:
         self.threshold = threshold
         self.alert_channels = alert_channels
         self.archive_dir = archive_dir
+        self.results_dir = results_dir
         self.on_alert = on_alert
 
     def process(self, series_uid: str) -> SeriesResult | None:
@@ -91,8 +95,9 @@ class SeriesProcessor:
                 session.commit()
             bound = log.bind(series_instance_uid=series_uid, revision=row.revision)
             bound.info("series_processing", instances=len(paths))
+            scored = None
             try:
-                self._score_into(row, series, timings)
+                scored = self._score_into(row, series, timings)
             except SeriesSkipped as exc:
                 row.status, row.reason = SeriesStatus.SKIPPED, str(exc)
             except SeriesFailed as exc:
@@ -114,9 +119,11 @@ class SeriesProcessor:
             self._log_outcome(bound, row, timings)
             if row.below_threshold and self.alert_channels:
                 self.on_alert()
+            if scored is not None and self.results_dir is not None:
+                self._add_findings(session, row, *scored, bound)
             return row
 
-    def _score_into(self, row: SeriesResult, series, timings: _Timings) -> None:
+    def _score_into(self, row: SeriesResult, series, timings: _Timings) -> tuple[Volume, Score]:
         with timings.phase("volume_s"):
             series = classify(series, self.min_slices, self.phantom_keywords)
             keep_as = None
@@ -135,6 +142,38 @@ class SeriesProcessor:
         row.scoring_time_s = result.seconds
         row.model_sha256 = self.scorer.model_sha256
         row.nifti_path = str(keep_as) if keep_as is not None else None
+        return volume, result
+
+    def _add_findings(self, session, row: SeriesResult, volume: Volume, score: Score, bound) -> None:
+        """IQMs, quality map and montage, stored in a second commit: the score and alert are already out."""
+        caption = MontageCaption(
+            series_instance_uid=row.series_instance_uid,
+            study_instance_uid=row.study_instance_uid,
+            revision=row.revision,
+            series_description=row.series_description,
+            station_name=row.station_name,
+            completed_at=row.completed_at,
+            score=row.score,
+            threshold=self.threshold,
+            model_sha256=row.model_sha256,
+        )
+        folder = results_folder(self.results_dir, row.series_instance_uid, row.revision)
+        try:
+            findings = compute_findings(volume, score, caption, folder)
+        except Exception as exc:  # noqa: BLE001 - the score is stored; a findings failure only loses findings
+            bound.exception("findings_failed")
+            row.iqm_errors = {"all": f"internal error: {type(exc).__name__}: {exc}"[:500]}
+        else:
+            row.iqms, row.iqm_errors = findings.iqms, findings.iqm_errors
+            row.quality_map_path = str(findings.quality_map_path) if findings.quality_map_path else None
+            row.montage_path = str(findings.montage_path) if findings.montage_path else None
+            bound.info("series_findings", iqms_missing=sorted(findings.iqm_errors),
+                       **{k: round(v, 3) for k, v in findings.seconds.items()})
+        try:
+            session.commit()
+        except Exception:  # noqa: BLE001 - the score is committed; losing its findings must not retry the series
+            session.rollback()
+            bound.exception("findings_not_stored")
 
     def _log_outcome(self, bound, row: SeriesResult, timings: _Timings) -> None:
         if row.status is SeriesStatus.SCORED:

@@ -28,6 +28,38 @@ def resample_to_spacing(
     return ndimage.zoom(volume.astype(np.float32, copy=False), zoom, order=1, mode="nearest", grid_mode=True)
 
 
+def resampled_shape(
+    shape: tuple[int, ...], spacing_mm: tuple[float, float, float], target_mm: tuple[float, float, float]
+) -> tuple[int, int, int]:
+    """The shape :func:`resample_to_spacing` gives a volume of ``shape`` (scipy's ``zoom`` rounding)."""
+    zoom = [s / t for s, t in zip(spacing_mm, target_mm, strict=True)]
+    if all(abs(z - 1.0) < 1e-3 for z in zoom):
+        return tuple(int(n) for n in shape)
+    return tuple(int(round(n * z)) for n, z in zip(shape, zoom, strict=True))
+
+
+def model_grid_affine(
+    affine: np.ndarray,
+    shape: tuple[int, int, int],
+    spacing_mm: tuple[float, float, float],
+    target_mm: tuple[float, float, float],
+    patch_size: int,
+) -> np.ndarray:
+    """The voxel-to-world affine of :func:`prepare_volume`'s output for a volume of ``shape`` with ``affine``.
+
+    Resampling keeps the field of view (``grid_mode=True``): model voxel ``i`` has its centre at native voxel
+    ``(i + 0.5) * n / m - 0.5`` (``n`` native, ``m`` resampled voxels); padding shifts it by the voxels added
+    before the volume.
+    """
+    resampled = resampled_shape(shape, spacing_mm, target_mm)
+    ratio = np.array([n / m for n, m in zip(shape, resampled, strict=True)], dtype=np.float64)
+    pad_before = np.array([max(0, patch_size - m) // 2 for m in resampled], dtype=np.float64)
+    model_to_native = np.eye(4)
+    model_to_native[:3, :3] = np.diag(ratio)
+    model_to_native[:3, 3] = 0.5 * ratio - 0.5 - pad_before * ratio
+    return np.asarray(affine, dtype=np.float64) @ model_to_native
+
+
 def normalise(volume: np.ndarray, normalisation: Normalisation) -> np.ndarray:
     """Map intensities to (0, 1] as :class:`~qc_daemon.model_contract.Normalisation` defines."""
     if not np.all(np.isfinite(volume)):

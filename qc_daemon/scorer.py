@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from qc_daemon.logs import get_logger
 from qc_daemon.model_contract import INPUT_NAME, OUTPUT_NAME, ContractError, ModelInfo, onnx_weights_sha256
-from qc_daemon.preprocess import extract_patches, patch_grid, prepare_volume
+from qc_daemon.preprocess import extract_patches, model_grid_affine, patch_grid, prepare_volume
 from qc_daemon.settings import Device, ScoringSettings
 from qc_daemon.volume import Volume
 
@@ -37,6 +37,9 @@ class Score:
     patch_scores: list[float]
     patch_origins: list[tuple[int, int, int]]
     volume_shape: tuple[int, int, int]  # after resampling and padding, the frame patch origins refer to
+    patch_size: int
+    model_input: np.ndarray  # (X, Y, Z) of volume_shape: the resampled, normalised, padded volume patches come from
+    model_affine: np.ndarray  # (4, 4) voxel-to-world of model_input (RAS mm), for the quality map
     seconds: float  # preprocessing and inference together
     preprocessing_s: float  # resampling, normalisation, padding (the rest of ``seconds`` is inference)
 
@@ -157,6 +160,11 @@ class Scorer:
             patch_scores=scores,
             patch_origins=origins,
             volume_shape=tuple(int(s) for s in prepared.shape),
+            patch_size=info.patch_size,
+            model_input=prepared,
+            model_affine=model_grid_affine(
+                volume.affine, volume.data.shape, volume.spacing_mm, info.spacing_mm, info.patch_size
+            ),
             seconds=time.perf_counter() - started,
             preprocessing_s=prepared_at - started,
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 from qc_daemon.alerts import AlertDispatcher, enabled_channels
 from qc_daemon.assembler import Assembler
 from qc_daemon.dropfolder import DropFolder
+from qc_daemon.findings import remove_results_older_than
 from qc_daemon.intake import Intake
 from qc_daemon.listener import start_listener
 from qc_daemon.logs import get_logger
@@ -51,6 +52,7 @@ class Daemon:
             threshold=settings.alerts.threshold,
             alert_channels=enabled_channels(settings.alerts),
             archive_dir=storage.archive_path if storage.keep_nifti else None,
+            results_dir=storage.results_path,
             on_alert=self.alerts.wake,
         )
         self.work = WorkQueue(
@@ -140,8 +142,9 @@ class Daemon:
             for path in archive.glob("*.nii.gz"):
                 if path.stat().st_mtime < cutoff:
                     path.unlink(missing_ok=True)
-        if removed:
-            log.info("retention_applied", series_removed=len(removed))
+        results_removed = remove_results_older_than(self.settings.storage.results_path, max_age_s)
+        if removed or results_removed:
+            log.info("retention_applied", series_removed=len(removed), results_removed=results_removed)
 
     def wait_idle(self, timeout_s: float = 60.0) -> bool:
         """For tests and one-shot runs: wait until no series is receiving, queued or being scored."""

@@ -154,6 +154,11 @@ class StorageSettings(Section):
         return Path(self.archive_dir) if self.archive_dir else self.state_dir / "archive"
 
     @property
+    def results_path(self) -> Path:
+        """Quality maps and montages, one folder per series revision (removed by retention)."""
+        return self.state_dir / "results"
+
+    @property
     def database(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'qc.sqlite3'}"
 

@@ -107,6 +107,12 @@ class SeriesResult(Base):
     volume_shape: Mapped[list | None] = mapped_column(JSON)
     nifti_path: Mapped[str | None] = mapped_column(Text)
     below_threshold: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Added after the score is committed (qc_daemon/findings.py): classical IQMs (name -> number or null),
+    # why each null one is null, and the absolute paths of the quality map (NIfTI) and the montage (PNG).
+    iqms: Mapped[dict | None] = mapped_column(JSON)
+    iqm_errors: Mapped[dict | None] = mapped_column(JSON)
+    quality_map_path: Mapped[str | None] = mapped_column(Text)
+    montage_path: Mapped[str | None] = mapped_column(Text)
 
     alerts: Mapped[list[Alert]] = relationship(back_populates="result", cascade="all, delete-orphan")
 
@@ -134,6 +140,10 @@ class SeriesResult(Base):
             "model_sha256": self.model_sha256,
             "scoring_time_s": self.scoring_time_s,
             "nifti_path": self.nifti_path,
+            "iqms": self.iqms,
+            "iqm_errors": self.iqm_errors,
+            "quality_map_path": self.quality_map_path,
+            "montage_path": self.montage_path,
         }
         if with_patches:
             out["volume_shape"] = self.volume_shape

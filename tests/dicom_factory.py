@@ -31,6 +31,16 @@ def phantom(shape: tuple[int, int, int], seed: int = 0, noise: float = 0.02) -> 
     return np.clip(head, 0, 1000).astype(np.uint16)
 
 
+def tissue_phantom(shape: tuple[int, int, int], seed: int = 0, sigma: float = 20.0) -> np.ndarray:
+    """A head in air with T1-like CSF (150), GM (400) and WM (600) shells and Rician noise of ``sigma``, uint16:
+    enough for the classical IQMs' head mask and 3-class tissue split."""
+    rng = np.random.default_rng(seed)
+    r = np.sqrt(sum(g**2 for g in np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")))
+    head = np.select([r < 0.45, r < 0.7, r < 0.8], [600.0, 400.0, 150.0], 0.0)
+    magnitude = np.hypot(head + rng.normal(0, sigma, shape), rng.normal(0, sigma, shape))
+    return np.clip(np.round(magnitude), 0, 65535).astype(np.uint16)
+
+
 def _base(series_uid: str, study_uid: str, sop_class: str, description: str) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID = sop_class

@@ -61,8 +61,8 @@ def test_a_release_0_1_0_database_is_upgraded_with_every_row_kept(tmp_path):
     assert _rows(path, "SELECT version FROM schema_version") == [(1,)]
 
     store = Store(f"sqlite:///{path}")
-    assert store.revision == head_revision() == "0002"
-    assert _rows(path, "SELECT version_num FROM alembic_version") == [("0002",)]
+    assert store.revision == head_revision() == "0003"
+    assert _rows(path, "SELECT version_num FROM alembic_version") == [("0003",)]
     tables = inspect(store.engine).get_table_names()
     assert "schema_version" not in tables  # alembic_version records the schema from 0002 on
     old_columns = [c[1] for c in _rows(RELEASE_0_1_0_DB, "PRAGMA table_info(series_results)")]
@@ -70,6 +70,8 @@ def test_a_release_0_1_0_database_is_upgraded_with_every_row_kept(tmp_path):
     assert after == before["series_results"] and len(after) == 4
     assert _rows(path, "SELECT * FROM alerts ORDER BY id") == before["alerts"]
     assert _rows(path, f"SELECT {', '.join(TIMING_COLUMNS)} FROM series_results") == [(None, None)] * 4
+    findings = "iqms, iqm_errors, quality_map_path, montage_path"
+    assert _rows(path, f"SELECT {findings} FROM series_results") == [(None, None, None, None)] * 4
 
     with store.session() as session:  # the models read the old rows
         scored = history(session, status=SeriesStatus.SCORED)
@@ -91,7 +93,7 @@ def test_reopening_an_upgraded_database_changes_nothing(tmp_path):
     Store(f"sqlite:///{path}").close()
     schema = _schema_sql(path)
     store = Store(f"sqlite:///{path}")
-    assert migrate(store.engine) == "0002"
+    assert migrate(store.engine) == "0003"
     store.close()
     assert _schema_sql(path) == schema
 
@@ -141,7 +143,7 @@ def test_downgrade_to_0001_and_back_keeps_the_rows(tmp_path):
     assert columns.isdisjoint(TIMING_COLUMNS)
     assert _rows(path, "SELECT version FROM schema_version") == [(1,)]  # release 0.1.0 would open it as its own
     store = Store(f"sqlite:///{path}")
-    assert store.revision == "0002"
+    assert store.revision == "0003"
     store.close()
     assert _rows(path, kept) == before
     assert _rows(path, "SELECT count(*) FROM alerts") == [(2,)]
