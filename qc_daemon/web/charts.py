@@ -36,7 +36,7 @@ class Chart:
     title: str
     lines: tuple[Line, ...]
     threshold_y: float
-    x_ticks: tuple[tuple[float, str], ...]
+    x_ticks: tuple[tuple[float, str, str], ...]  # x, label, text-anchor
     y_ticks: tuple[tuple[float, str], ...]
     width: int = WIDTH
     height: int = HEIGHT
@@ -79,7 +79,8 @@ def score_chart(title: str, samples: Iterable[Sample], threshold: float, start: 
         ))
         for name, color in zip(busiest, PALETTE)
     )
-    x_ticks = tuple((x(start + (end - start) * i / 4), f"{start + (end - start) * i / 4:%Y-%m-%d %H:%M}")
-                    for i in range(5))
+    anchors = ("start", "middle", "middle", "middle", "end")  # the outer labels stay inside the picture
+    x_ticks = tuple((x(start + (end - start) * i / 4), f"{start + (end - start) * i / 4:%Y-%m-%d %H:%M}", anchor)
+                    for i, anchor in enumerate(anchors))
     y_ticks = tuple((y(v), f"{v:.2f}") for v in (0.0, 0.25, 0.5, 0.75, 1.0))
     return Chart(title, lines, y(threshold), x_ticks, y_ticks)
