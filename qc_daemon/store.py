@@ -523,3 +523,11 @@ def latency_counts(session: Session, latency: Latency, bounds: Sequence[float]) 
         select(*columns).where(SeriesResult.status.in_(FINAL_STATUSES), seconds.is_not(None))
     ).one()
     return LatencyCounts(tuple(bounds), tuple(int(b) for b in buckets), int(count), float(total))
+
+
+def station_names(session: Session, since: dt.datetime | None = None) -> list[str]:
+    """The stations that sent series (since ``since``), for the trends page's filter."""
+    query = select(SeriesResult.station_name).where(SeriesResult.station_name.is_not(None)).distinct()
+    if since is not None:
+        query = query.where(SeriesResult.completed_at >= since)
+    return sorted(session.scalars(query).all())

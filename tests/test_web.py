@@ -164,3 +164,22 @@ def test_a_busy_port_fails_serve_naming_the_http_section(tmp_path, capsys):
                           f'[http]\nenabled = true\nport = {busy.getsockname()[1]}\n')
         assert main(["--config", str(config), "serve"]) == EXIT_CANNOT_LISTEN
     assert "(set [http] host/port)" in capsys.readouterr().err
+
+
+def test_the_web_view_reads_only_the_store_and_the_status_snapshot():
+    import ast
+    from pathlib import Path
+
+    import qc_daemon.web
+
+    forbidden = {"qc_daemon.listener", "qc_daemon.assembler", "qc_daemon.scorer", "qc_daemon.pipeline",
+                 "qc_daemon.intake", "qc_daemon.service"}
+    for path in Path(qc_daemon.web.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = {node.module or ""}
+            elif isinstance(node, ast.Import):
+                names = {alias.name for alias in node.names}
+            else:
+                continue
+            assert not names & forbidden, f"{path.name} imports {names & forbidden}"

@@ -27,7 +27,17 @@ from qc_daemon.logs import get_logger
 from qc_daemon.metrics import DaemonMetrics
 from qc_daemon.settings import HttpSettings
 from qc_daemon.status import DaemonStatus
-from qc_daemon.store import SeriesStatus, Store, alerts_for, history, pending_results, ping, revisions, utcnow
+from qc_daemon.store import (
+    SeriesStatus,
+    Store,
+    alerts_for,
+    history,
+    pending_results,
+    ping,
+    revisions,
+    station_names,
+    utcnow,
+)
 from qc_daemon.web.charts import Sample, score_chart
 from qc_daemon.web.feed import LOOKBACK, LiveFeed, row_view
 from qc_daemon.web.security import AccessGuard, SecurityHeaders
@@ -92,7 +102,7 @@ def create_app(view: WebView, settings: HttpSettings) -> Starlette:
         with view.store.session() as session:
             rows = history(session, since=since, station=station, below=below, status=SeriesStatus.SCORED,
                            limit=TREND_ROWS)
-            stations = sorted({r.station_name for r in history(session, since=since) if r.station_name})
+            stations = station_names(session, since)
         end = utcnow()
         charts = []
         for title, key in (("by station", lambda r: r.station_name or "(no station)"),
