@@ -400,10 +400,8 @@ def _describe_http(http) -> str:
     if not http.enabled:
         return "disabled"
     scheme = "https" if http.tls else "http"
-    access = ", ".join(
-        name for name, on in (("basic auth", bool(http.username)), ("bearer token", bool(http.token.get_secret_value())))
-        if on
-    ) or "no login"
+    logins = (("basic auth", bool(http.username)), ("bearer token", bool(http.token.get_secret_value())))
+    access = ", ".join(name for name, on in logins if on) or "no login"
     return f"{scheme}://{http.host}:{http.port} ({access}; /health open)"
 
 

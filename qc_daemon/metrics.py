@@ -67,7 +67,8 @@ class _StoreAndStatusCollector(Collector):
         yield _gauge("qc_series_receiving", "Series whose instances are arriving", len(status.receiving))
         yield _gauge("qc_series_scoring", "Series being scored", len(status.scoring))
         yield _gauge("qc_disk_free_bytes", "Free space where the spool lives", status.free_disk_mb * 2**20)
-        yield _gauge("qc_disk_min_free_bytes", "Below this free space instances are refused", status.min_free_mb * 2**20)
+        yield _gauge("qc_disk_min_free_bytes", "Below this free space instances are refused",
+                     status.min_free_mb * 2**20)
         try:
             with self.store.session() as session:
                 totals = result_totals(session)

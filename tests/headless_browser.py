@@ -24,7 +24,8 @@ class Browser:
         self._from_chrome, from_chrome_w = os.pipe()
 
         def wire_pipes() -> None:  # in the child: the protocol's fd 3 (commands) and fd 4 (replies)
-            commands, replies = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
+            commands = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10)
+            replies = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
             os.dup2(commands, 3)  # via fds >= 10: either pipe end may itself be 3 or 4
             os.dup2(replies, 4)
 
@@ -82,7 +83,8 @@ class Browser:
     def screenshot(self, path: Path, width: int = 1200, height: int = 560) -> None:
         import base64
 
-        self.command("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        self.command("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                     mobile=False)
         path.write_bytes(base64.b64decode(self.command("Page.captureScreenshot", format="png")["data"]))
 
     def close(self) -> None:

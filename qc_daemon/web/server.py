@@ -58,7 +58,9 @@ class WebServer:
         try:
             self._socket = socket.create_server((self.settings.host, self.settings.port), family=family)
         except OSError as exc:
-            raise WebServerError(f"cannot listen on {where} for the web view: {exc.strerror} (set [http] host/port)") from exc
+            raise WebServerError(
+                f"cannot listen on {where} for the web view: {exc.strerror} (set [http] host/port)"
+            ) from exc
         self._thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self._socket]}, name="qc-web", daemon=True
         )
