@@ -172,8 +172,14 @@ def cmd_serve(args, settings: Settings) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    from qc_daemon.web import WebServerError
+
     try:
         daemon.start()
+    except WebServerError as exc:
+        daemon.stop()
+        log.error("web_failed", error=str(exc))
+        raise CannotListen(str(exc)) from exc
     except OSError as exc:
         daemon.stop()
         if exc.filename is None and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
@@ -401,9 +407,19 @@ def cmd_check_config(args, settings: Settings) -> int:
         "spool": str(settings.storage.spool_path),
         "model": scorer.describe(),
         "alert_threshold": settings.alerts.threshold,
+        "http": _describe_http(settings.http),
     }
     print(json.dumps(summary, indent=2))
     return EXIT_OK
+
+
+def _describe_http(http) -> str:
+    if not http.enabled:
+        return "disabled"
+    scheme = "https" if http.tls else "http"
+    logins = (("basic auth", bool(http.username)), ("bearer token", bool(http.token.get_secret_value())))
+    access = ", ".join(name for name, on in logins if on) or "no login"
+    return f"{scheme}://{http.host}:{http.port} ({access}; /health open)"
 
 
 if __name__ == "__main__":

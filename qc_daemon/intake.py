@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import enum
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -53,6 +55,18 @@ class Arrival:
     association_id: int | None = None  # the DICOM association that delivered it; None for the drop folder
 
 
+class InstanceCounts(Protocol):
+    """Where the intake counts its decisions (:class:`qc_daemon.metrics.DaemonMetrics`)."""
+
+    def received(self, source: str) -> None: ...
+
+    def refused(self, reason: str) -> None: ...
+
+
+NETWORK = "dicom"
+DROP_FOLDER = "folder"
+
+
 class Intake:
     def __init__(
         self,
@@ -60,11 +74,13 @@ class Intake:
         on_arrival: Callable[[Arrival], None],
         max_instance_bytes: int,
         min_free_mb: float,
+        counts: InstanceCounts,
     ):
         self.spool = spool
         self.on_arrival = on_arrival
         self.max_instance_bytes = max_instance_bytes
         self.min_free_mb = min_free_mb
+        self.counts = counts
 
     def has_room(self) -> bool:
         return self.spool.free_mb() >= self.min_free_mb
@@ -86,6 +102,11 @@ class Intake:
         which the dataset must repeat; ``association_id`` names the association that delivered it. The dataset
         is decoded here, only after its structure has been checked.
         """
+        with self._counted(NETWORK):
+            return self._accept_stream(stream, transfer_syntax, encoded, sop_class_uid, sop_instance_uid,
+                                       association_id)
+
+    def _accept_stream(self, stream, transfer_syntax, encoded, sop_class_uid, sop_instance_uid, association_id):
         self._check_size_and_room(len(stream))
         syntax = UID(transfer_syntax)
         try:
@@ -98,6 +119,10 @@ class Intake:
 
     def accept_file(self, path: Path) -> StoreOutcome:
         """Spool one Part 10 file (the drop folder): size checked before reading, structure before parsing."""
+        with self._counted(DROP_FOLDER):
+            return self._accept_file(path)
+
+    def _accept_file(self, path: Path) -> StoreOutcome:
         try:
             size = path.stat().st_size
         except OSError as exc:
@@ -139,6 +164,18 @@ class Intake:
                 StoreStatus.CANNOT_UNDERSTAND, f"not a readable DICOM file: {type(exc).__name__}: {exc}"[:300]
             ) from exc
         return self._store(dataset, lambda: data, sop_instance_uid)
+
+    @contextmanager
+    def _counted(self, source: str) -> Iterator[None]:
+        try:
+            yield
+        except InstanceRejected as exc:
+            self.counts.refused(exc.status.name.lower())
+            raise
+        except Exception:
+            self.counts.refused("internal_error")
+            raise
+        self.counts.received(source)
 
     def _check_size_and_room(self, size: int) -> None:
         if size > self.max_instance_bytes:

@@ -22,10 +22,12 @@ from qc_daemon.findings import remove_results_older_than
 from qc_daemon.intake import Intake
 from qc_daemon.listener import start_listener
 from qc_daemon.logs import get_logger
+from qc_daemon.metrics import DaemonMetrics
 from qc_daemon.pipeline import SeriesProcessor, WorkQueue
 from qc_daemon.scorer import Scorer
 from qc_daemon.settings import Settings
 from qc_daemon.spool import Spool
+from qc_daemon.status import Activity, DaemonStatus
 from qc_daemon.store import BUSY_TIMEOUT_S, Store, awaits_result
 
 log = get_logger(__name__)
@@ -55,8 +57,10 @@ class Daemon:
             results_dir=storage.results_path,
             on_alert=self.alerts.wake,
         )
+        self.activity = Activity()
+        self.metrics = DaemonMetrics(self.store, self.status)
         self.work = WorkQueue(
-            self.processor.process,
+            self._process,
             settings.assembly.workers,
             settings.assembly.max_queue,
             retry_later=lambda uid, delay_s: self.assembler.retry_later(uid, delay_s),
@@ -64,7 +68,7 @@ class Daemon:
         self.assembler = Assembler(
             settings.assembly.quiet_period_s,
             settings.assembly.use_expected_count,
-            submit=self.work.submit,
+            submit=self._submit,
             count_spooled=lambda uid: len(self.spool.instance_paths(uid)),
             min_slices=settings.assembly.min_slices,
         )
@@ -73,6 +77,7 @@ class Daemon:
             self.assembler.instance_arrived,
             max_instance_bytes=settings.dicom.max_instance_mb * 2**20,
             min_free_mb=storage.min_free_mb,
+            counts=self.metrics,
         )
         self.drop_folder = (
             DropFolder(Path(settings.watch.folder).expanduser(), self.intake, settings.watch.settle_s)
@@ -81,12 +86,42 @@ class Daemon:
         )
         self.ae = None
         self.server = None
+        self.web = None
         self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="qc-assembler", daemon=True)
 
     @property
     def port(self) -> int:
         return self.server.server_address[1]
+
+    def status(self) -> DaemonStatus:
+        """The read-only snapshot the web view and the metrics see."""
+        queued, scoring = self.activity.snapshot()
+        return DaemonStatus(
+            listener_up=self.server is not None and self.server.socket.fileno() != -1,
+            model_loaded=self.scorer.session is not None,
+            model_sha256=self.scorer.model_sha256,
+            receiving=tuple(self.assembler.receiving()),
+            queued=queued,
+            scoring=scoring,
+            free_disk_mb=self.spool.free_mb(),
+            min_free_mb=self.settings.storage.min_free_mb,
+            threshold=self.settings.alerts.threshold,
+        )
+
+    def _submit(self, series_uid: str) -> bool:
+        queued = self.work.submit(series_uid)
+        if queued:
+            self.activity.queued(series_uid)
+        return queued
+
+    def _process(self, series_uid: str):
+        self.activity.started(series_uid)
+        try:
+            return self.processor.process(series_uid)
+        finally:
+            self.activity.finished(series_uid)
 
     def recover(self) -> list[str]:
         """Track every spooled series whose instances are not all covered by a final result."""
@@ -118,8 +153,19 @@ class Daemon:
         )
         if self.drop_folder is not None:
             self.drop_folder.start()
+        if self.settings.http.enabled:
+            self.web = self._start_web()
         _sd_notify("READY=1")
         log.info("daemon_ready", state_dir=str(self.settings.storage.state_dir), port=self.port)
+
+    def _start_web(self):
+        from qc_daemon.web import WebServer, WebView, create_app  # only a daemon serving the web view needs it
+
+        view = WebView(self.store, self.status, self.metrics, self._stopping)
+        web = WebServer(create_app(view, self.settings.http), self.settings.http)
+        web.start()
+        log.info("web_ready", url=web.url)
+        return web
 
     def _tick_loop(self) -> None:
         last_retention = 0.0
@@ -159,6 +205,9 @@ class Daemon:
     def stop(self) -> None:
         _sd_notify("STOPPING=1")
         log.info("daemon_stopping")
+        self._stopping.set()  # ends the live pages' event streams, so the web server stops at once
+        if self.web is not None:
+            self.web.stop()
         if self.server is not None:
             self.server.shutdown()
         if self.drop_folder is not None:

@@ -16,7 +16,7 @@ import ssl
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 
 from qc_daemon.config_base import InvalidValue, Section, read_toml, validate_toml
 
@@ -222,6 +222,49 @@ class AlertSettings(Section):
         return self
 
 
+class HttpSettings(Section):
+    """The web view, ``/health`` and ``/metrics`` (:mod:`qc_daemon.web`): off unless enabled, loopback unless told."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)  # 0: any free port
+    # Empty: no login. Set both for HTTP basic auth on every page but /health.
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    # Empty: none. Otherwise ``Authorization: Bearer <token>`` is accepted too (for a metrics scraper).
+    token: SecretStr = SecretStr("")
+    # Empty: plain HTTP. PEM certificate (chain) and its key for HTTPS.
+    tls_cert_file: ExistingFile = ""
+    tls_key_file: ExistingFile = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    @property
+    def protected(self) -> bool:
+        return bool(self.username) or bool(self.token.get_secret_value())
+
+    @model_validator(mode="after")
+    def _pairs_set_together(self) -> HttpSettings:
+        if bool(self.username) != bool(self.password.get_secret_value()):
+            missing = "password" if self.username else "username"
+            raise InvalidValue(missing, "", "http.username and http.password must be set together")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
+            raise InvalidValue(missing, "", "http.tls_cert_file and http.tls_key_file must be set together")
+        if self.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            try:
+                context.load_cert_chain(Path(self.tls_cert_file).expanduser(), Path(self.tls_key_file).expanduser())
+            except (ssl.SSLError, OSError) as exc:
+                raise InvalidValue(
+                    "tls_cert_file", self.tls_cert_file,
+                    f"cannot load the certificate and key (http.tls_key_file = {self.tls_key_file!r}): {exc}",
+                ) from None
+        return self
+
+
 class LoggingSettings(Section):
     format: LogFormat = LogFormat.AUTO
     level: LogLevel = LogLevel.INFO
@@ -234,6 +277,7 @@ class Settings(Section):
     assembly: AssemblySettings = AssemblySettings()
     scoring: ScoringSettings = ScoringSettings()
     alerts: AlertSettings = AlertSettings()
+    http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
 
 

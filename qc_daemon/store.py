@@ -36,8 +36,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     create_engine,
     event,
+    extract,
+    func,
     inspect,
     select,
     text,
@@ -457,3 +460,84 @@ def dump_json(rows: Sequence[SeriesResult]) -> str:
 def ping(store: Store) -> None:
     with store.engine.connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+# ---- read-only views for the web page and the metrics (qc_daemon.web, qc_daemon.metrics) -------------------
+
+
+def changed_at(row: SeriesResult) -> dt.datetime:
+    """When the row last changed state: opened (pending) at ``completed_at``, finished at ``scored_at``."""
+    return row.scored_at or row.completed_at
+
+
+def results_changed_since(session: Session, since: dt.datetime, limit: int = 500) -> Sequence[SeriesResult]:
+    """Revisions opened or finished at or after ``since``, oldest change first (the live list's feed)."""
+    changed = func.coalesce(SeriesResult.scored_at, SeriesResult.completed_at)
+    return session.scalars(
+        select(SeriesResult).where(changed >= since).order_by(changed, SeriesResult.id).limit(limit)
+    ).all()
+
+
+@dataclass(frozen=True)
+class ResultTotals:
+    """Counts over every result in the store (results are never deleted, so they only grow)."""
+
+    series_by_status: dict[str, int]  # final revisions by status
+    alerts_raised: int  # scored revisions below the threshold
+    alerts_pending: int  # outbox rows not yet delivered
+
+
+def result_totals(session: Session) -> ResultTotals:
+    by_status = dict(
+        session.execute(
+            select(SeriesResult.status, func.count())
+            .where(SeriesResult.status.in_(FINAL_STATUSES))
+            .group_by(SeriesResult.status)
+        ).all()
+    )
+    raised = session.scalar(select(func.count()).where(SeriesResult.below_threshold.is_(True))) or 0
+    pending = session.scalar(select(func.count()).select_from(Alert).where(Alert.state == AlertState.PENDING)) or 0
+    return ResultTotals(
+        series_by_status={status.value: int(by_status.get(status, 0)) for status in FINAL_STATUSES},
+        alerts_raised=int(raised),
+        alerts_pending=int(pending),
+    )
+
+
+class Latency(enum.StrEnum):
+    SCORING = "scoring"  # scoring_time_s: volume preprocessing and inference
+    END_TO_END = "end_to_end"  # newest instance in the spool -> outcome stored
+
+
+@dataclass(frozen=True)
+class LatencyCounts:
+    """A cumulative histogram: ``buckets[i]`` results took at most ``bounds[i]`` seconds."""
+
+    bounds: tuple[float, ...]
+    buckets: tuple[int, ...]
+    count: int
+    sum_s: float
+
+
+def latency_counts(session: Session, latency: Latency, bounds: Sequence[float]) -> LatencyCounts:
+    """One aggregate query over every final result that has the latency; no rows leave the database."""
+    if latency is Latency.SCORING:
+        seconds = SeriesResult.scoring_time_s
+    elif session.get_bind().dialect.name == "sqlite":
+        seconds = (func.julianday(SeriesResult.scored_at) - func.julianday(SeriesResult.last_instance_at)) * 86400.0
+    else:
+        seconds = extract("epoch", SeriesResult.scored_at - SeriesResult.last_instance_at)
+    columns = [func.count(seconds), func.coalesce(func.sum(seconds), 0.0)]
+    columns += [func.coalesce(func.sum(case((seconds <= bound, 1), else_=0)), 0) for bound in bounds]
+    count, total, *buckets = session.execute(
+        select(*columns).where(SeriesResult.status.in_(FINAL_STATUSES), seconds.is_not(None))
+    ).one()
+    return LatencyCounts(tuple(bounds), tuple(int(b) for b in buckets), int(count), float(total))
+
+
+def station_names(session: Session, since: dt.datetime | None = None) -> list[str]:
+    """The stations that sent series (since ``since``), for the trends page's filter."""
+    query = select(SeriesResult.station_name).where(SeriesResult.station_name.is_not(None)).distinct()
+    if since is not None:
+        query = query.where(SeriesResult.completed_at >= since)
+    return sorted(session.scalars(query).all())

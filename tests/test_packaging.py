@@ -35,3 +35,4 @@ def test_wheel_holds_only_the_qc_daemon_package(tmp_path):
     distribution, version = wheel.name.split("-")[:2]
     assert {name.split("/")[0] for name in names} == {"qc_daemon", f"{distribution}-{version}.dist-info"}
     assert "qc_daemon/cli.py" in names and "qc_daemon/models/hysnet-default.onnx.parity.json" in names
+    assert "qc_daemon/web/templates/now.html" in names and "qc_daemon/web/static/live.js" in names
