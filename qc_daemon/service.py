@@ -161,7 +161,8 @@ class Daemon:
     def _start_web(self):
         from qc_daemon.web import WebServer, WebView, create_app  # only a daemon serving the web view needs it
 
-        view = WebView(self.store, self.status, self.metrics, self._stopping)
+        view = WebView(self.store, self.status, self.metrics, self._stopping,
+                       self.settings.storage.results_path)
         web = WebServer(create_app(view, self.settings.http), self.settings.http)
         web.start()
         log.info("web_ready", url=web.url)

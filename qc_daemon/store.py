@@ -402,6 +402,13 @@ def revisions(session: Session, series_uid: str) -> Sequence[SeriesResult]:
     ).all()
 
 
+def revision_of(session: Session, series_uid: str, revision: int) -> SeriesResult | None:
+    return session.scalars(
+        select(SeriesResult)
+        .where(SeriesResult.series_instance_uid == series_uid, SeriesResult.revision == revision)
+    ).first()
+
+
 def pending_results(session: Session) -> Sequence[SeriesResult]:
     return session.scalars(select(SeriesResult).where(SeriesResult.status == SeriesStatus.PENDING)).all()
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import send_datasets
@@ -15,12 +17,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 
 def _get(daemon, path: str, headers: dict | None = None, timeout_s: float = 10) -> tuple[int, dict, str]:
+    status, headers, body = _get_bytes(daemon, path, headers, timeout_s)
+    return status, headers, body.decode()
+
+
+def _get_bytes(daemon, path: str, headers: dict | None = None, timeout_s: float = 10) -> tuple[int, dict, bytes]:
     request = urllib.request.Request(daemon.web.url + path, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read().decode()
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read().decode()
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
 
 
 def _samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -116,6 +123,73 @@ def test_live_stream_sends_the_scored_row_and_pages_show_it(daemon_factory):
             assert secret not in body
     assert _get(daemon, "/series/1.2.3.4")[0] == 404
     assert _get(daemon, "/trends?since=yesterday")[0] == 400
+
+
+def test_the_series_page_shows_montage_quality_map_and_iqms_and_serves_only_results_files(daemon_factory):
+    from qc_daemon.store import SeriesResult, revisions
+
+    daemon = daemon_factory(http=WEB)
+    series = classic_series(phantom((48, 48, 20)))
+    uid = str(series[0].SeriesInstanceUID)
+    send_datasets(series, daemon.port)
+    assert daemon.wait_idle(60)
+
+    status, _, page = _get(daemon, f"/series/{uid}")
+    assert status == 200
+    assert f'<img src="/series/{uid}/1/montage.png"' in page
+    assert f'href="/series/{uid}/1/quality_map.nii.gz" download' in page
+    assert re.search(r'>snr_total</a></td><td class="num">[0-9.e+-]+</td>', page)
+    status, headers, png = _get_bytes(daemon, f"/series/{uid}/1/montage.png")
+    assert status == 200 and headers["content-type"] == "image/png" and png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert headers["content-disposition"].startswith("inline;")
+    status, headers, nifti = _get_bytes(daemon, f"/series/{uid}/1/quality_map.nii.gz")
+    assert status == 200 and nifti.startswith(b"\x1f\x8b")
+    assert headers["content-disposition"] == f'attachment; filename="{uid}_r1_quality_map.nii.gz"'
+    for body in (page, png.decode("latin-1")):
+        for secret in (PATIENT_NAME, PATIENT_ID, BIRTH_DATE):
+            assert secret not in body
+
+    state_dir = daemon.settings.storage.state_dir
+    (daemon.settings.storage.results_path / "link.png").symlink_to("/etc/passwd")
+    crafted = {2: "/etc/passwd", 3: str(state_dir / "qc.sqlite3"), 4: str(state_dir / "results" / "link.png"),
+               5: str(state_dir / "results" / ".." / "qc.sqlite3")}
+    with daemon.store.session() as session:
+        scored = revisions(session, uid)[0]
+        facts = {c.name: getattr(scored, c.name) for c in SeriesResult.__table__.columns if c.name != "id"}
+        for revision, path in crafted.items():
+            session.add(SeriesResult(**{**facts, "revision": revision, "montage_path": path,
+                                        "quality_map_path": path, "iqms": {**scored.iqms, "cjv": None},
+                                        "iqm_errors": {"cjv": "no air around the head"}}))
+        session.commit()
+    for revision in crafted:
+        for name in ("montage.png", "quality_map.nii.gz"):
+            status, _, body = _get(daemon, f"/series/{uid}/{revision}/{name}")
+            assert status == 404 and "root:" not in body and "SQLite" not in body
+    page = _get(daemon, f"/series/{uid}")[2]
+    assert '<td class="num">—</td><td>no air around the head</td>' in page
+
+    Path(scored.montage_path).unlink()  # as retention removes it
+    assert _get(daemon, f"/series/{uid}/1/montage.png")[0] == 404
+    assert _get(daemon, f"/series/{uid}/1/other.txt")[0] == 404
+    assert _get(daemon, f"/series/{uid}/9/montage.png")[0] == 404
+
+
+def test_trends_plot_an_iqm_without_threshold_line_and_refuse_an_unknown_metric(daemon_factory):
+    daemon = daemon_factory(http=WEB)
+    for _ in range(2):
+        assert send_datasets(classic_series(phantom((48, 48, 20))), daemon.port) == [0x0000] * 20
+    assert daemon.wait_idle(60)
+
+    status, _, page = _get(daemon, "/trends?since=1h&metric=cjv")
+    assert status == 200
+    assert "cjv by station" in page and "2 of them with cjv" in page
+    assert page.count('<svg class="chart"') == 2 and page.count("<circle ") == 4
+    assert 'class="threshold"' not in page
+    assert '<option selected>cjv</option>' in page
+    status, _, page = _get(daemon, "/trends?since=1h")
+    assert status == 200 and 'class="threshold"' in page and page.count("<circle ") == 4
+    status, _, message = _get(daemon, "/trends?metric=bogus")
+    assert status == 400 and "metric='bogus'" in message and "snr_total" in message
 
 
 def test_login_and_token_protect_everything_but_health(daemon_factory):

@@ -1,5 +1,6 @@
-"""Routes of the web view: ``/`` (now, live), ``/events`` (server-sent events), ``/series/{uid}``, ``/trends``,
-``/health`` and ``/metrics``. GET only; every page is complete as served, the script only keeps ``/`` live."""
+"""Routes of the web view: ``/`` (now, live), ``/events`` (server-sent events), ``/series/{uid}`` with each
+revision's montage and quality map files, ``/trends``, ``/health`` and ``/metrics``. GET only; every page is
+complete as served, the script only keeps ``/`` live."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from qc_daemon.iqms import IQM_NAMES
 from qc_daemon.logs import get_logger
 from qc_daemon.metrics import DaemonMetrics
 from qc_daemon.settings import HttpSettings
@@ -34,11 +36,12 @@ from qc_daemon.store import (
     history,
     pending_results,
     ping,
+    revision_of,
     revisions,
     station_names,
     utcnow,
 )
-from qc_daemon.web.charts import Sample, score_chart
+from qc_daemon.web.charts import Sample, score_chart, trend_chart, value_range
 from qc_daemon.web.feed import LOOKBACK, LiveFeed, row_view
 from qc_daemon.web.security import AccessGuard, SecurityHeaders
 
@@ -47,16 +50,23 @@ HERE = Path(__file__).parent
 LATEST_ROWS = 50
 TREND_ROWS = 5000
 HEARTBEAT_S = 15.0
+SCORE = "score"
+FINDING_FILES = {  # URL name -> (the row's column, media type, content disposition)
+    "montage.png": ("montage_path", "image/png", "inline"),
+    "quality_map.nii.gz": ("quality_map_path", "application/gzip", "attachment"),
+}
 
 
 @dataclass(frozen=True)
 class WebView:
-    """What the web view may read: the store, the daemon's status snapshot and metrics, and its stop event."""
+    """What the web view may read: the store, the daemon's status snapshot and metrics, its stop event, and the
+    results folder (montages and quality maps), the only place it serves files from besides its statics."""
 
     store: Store
     status: Callable[[], DaemonStatus]
     metrics: DaemonMetrics
     stopping: threading.Event
+    results_dir: Path
     poll_s: float = 0.25  # the live list sees a stored row within this (plus a query)
 
 
@@ -87,13 +97,30 @@ def create_app(view: WebView, settings: HttpSettings) -> Starlette:
             if not rows:
                 raise HTTPException(404, "no such series")
             shown = [{**row_view(row), "patches": _patch_summary(row.patch_scores),
-                      "iqms": getattr(row, "iqms", None),
+                      "iqm_rows": _iqm_rows(row.iqms, row.iqm_errors),
                       "alerts": [_alert_view(a) for a in alerts_for(session, row.id)]} for row in rows]
         return templates.TemplateResponse(request, "series.html", {
             "uid": uid, "revisions": shown, "threshold": view.status().threshold})
 
+    def finding_file(request: Request) -> Response:
+        uid, revision, name = (request.path_params[k] for k in ("uid", "revision", "name"))
+        if name not in FINDING_FILES:
+            raise HTTPException(404, f"no file {name!r}: expected one of {', '.join(FINDING_FILES)}")
+        column, media_type, disposition = FINDING_FILES[name]
+        with view.store.session() as session:
+            row = revision_of(session, uid, revision)
+            recorded = getattr(row, column) if row is not None else None
+        path = _inside(view.results_dir, recorded)
+        if path is None:
+            raise HTTPException(404, f"no {name} for this revision (not made, or removed by retention)")
+        return FileResponse(path, media_type=media_type, filename=f"{uid}_r{revision}_{name}",
+                            content_disposition_type=disposition)
+
     def trends_page(request: Request) -> Response:
         params = request.query_params
+        metric = params.get("metric") or SCORE
+        if metric != SCORE and metric not in IQM_NAMES:
+            raise HTTPException(400, f"metric={metric!r}: expected {SCORE} or an IQM: {', '.join(IQM_NAMES)}")
         since_text = params.get("since") or "30d"
         since = _parse_since(since_text)
         station = params.get("station") or None
@@ -104,15 +131,21 @@ def create_app(view: WebView, settings: HttpSettings) -> Starlette:
                            limit=TREND_ROWS)
             stations = station_names(session, since)
         end = utcnow()
+        measured = [(r, _metric_value(r, metric)) for r in rows]
+        measured = [(r, value) for r, value in measured if value is not None]
         charts = []
         for title, key in (("by station", lambda r: r.station_name or "(no station)"),
                            ("by series description", lambda r: r.series_description or "(no description)")):
-            samples = [Sample(key(r), r.scored_at or r.completed_at, r.score, r.series_description or "",
-                              f"/series/{r.series_instance_uid}", r.below_threshold) for r in rows]
-            charts.append(score_chart(f"Score {title}", samples, threshold, since, end))
+            samples = [Sample(key(r), r.scored_at or r.completed_at, value, r.series_description or "",
+                              f"/series/{r.series_instance_uid}", r.below_threshold) for r, value in measured]
+            if metric == SCORE:
+                charts.append(score_chart(f"Score {title}", samples, threshold, since, end))
+            else:
+                charts.append(trend_chart(f"{metric} {title}", samples, since, end, value_range(samples)))
         return templates.TemplateResponse(request, "trends.html", {
             "charts": charts, "since": since_text, "station": station or "", "below": params.get("below") or "",
-            "stations": stations, "count": len(rows), "threshold": threshold, "limit": TREND_ROWS})
+            "stations": stations, "count": len(rows), "plotted": len(measured), "threshold": threshold,
+            "limit": TREND_ROWS, "metric": metric, "metrics": (SCORE, *IQM_NAMES)})
 
     def health(request: Request) -> Response:
         status = view.status()
@@ -142,6 +175,7 @@ def create_app(view: WebView, settings: HttpSettings) -> Starlette:
         Route("/", now_page, methods=["GET"]),
         Route("/events", events, methods=["GET"]),
         Route("/series/{uid}", series_page, methods=["GET"]),
+        Route("/series/{uid}/{revision:int}/{name:str}", finding_file, methods=["GET"]),
         Route("/trends", trends_page, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -183,6 +217,33 @@ def _status_view(status: DaemonStatus) -> dict:
 def _alert_view(alert) -> dict:
     return {"channel": alert.channel.value, "state": alert.state.value, "attempts": alert.attempts,
             "last_error": alert.last_error, "created_at": alert.created_at, "delivered_at": alert.delivered_at}
+
+
+def _inside(folder: Path, recorded: str | None) -> Path | None:
+    """The recorded file if it exists and, links resolved, lies inside ``folder``; None otherwise. A row's path
+    is data: the web view never serves a file outside the daemon's results folder."""
+    if not recorded:
+        return None
+    path = Path(recorded).resolve()
+    if not path.is_relative_to(folder.resolve()) or not path.is_file():
+        return None
+    return path
+
+
+def _metric_value(row, metric: str) -> float | None:
+    if metric == SCORE:
+        return row.score
+    value = (row.iqms or {}).get(metric)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _iqm_rows(iqms: dict | None, errors: dict | None) -> list[tuple[str, float | None, str]]:
+    """(name, value, why it is missing) per IQM; an error for ``all`` (findings failed) explains every row."""
+    iqms, errors = iqms or {}, errors or {}
+    if not iqms and not errors:
+        return []
+    names = [*IQM_NAMES, *(n for n in iqms if n not in IQM_NAMES)]
+    return [(name, iqms.get(name), errors.get(name) or errors.get("all") or "") for name in names]
 
 
 def _patch_summary(scores: list | None) -> dict | None:

@@ -35,7 +35,7 @@ class Line:
 class Chart:
     title: str
     lines: tuple[Line, ...]
-    threshold_y: float
+    threshold_y: float | None  # None: no threshold line (an IQM has none)
     x_ticks: tuple[tuple[float, str, str], ...]  # x, label, text-anchor
     y_ticks: tuple[tuple[float, str], ...]
     width: int = WIDTH
@@ -50,7 +50,7 @@ class Chart:
 class Sample:
     group: str
     when: dt.datetime
-    score: float
+    value: float  # the score, or an IQM
     label: str  # series description, for the tooltip
     url: str
     alert: bool
@@ -58,15 +58,32 @@ class Sample:
 
 def score_chart(title: str, samples: Iterable[Sample], threshold: float, start: dt.datetime,
                 end: dt.datetime) -> Chart:
-    """Scores in [0, 1] over [start, end], one line per group (at most :data:`PALETTE` groups, the busiest)."""
+    """Scores in [0, 1] over [start, end] with the alert threshold line."""
+    return trend_chart(title, samples, start, end, (0.0, 1.0), threshold)
+
+
+def value_range(samples: Iterable[Sample]) -> tuple[float, float]:
+    """The samples' [min, max] padded by 5 % each side (a constant value gets +-1 or +-10 % of itself)."""
+    values = [s.value for s in samples]
+    if not values:
+        return 0.0, 1.0
+    low, high = min(values), max(values)
+    pad = (high - low) * 0.05 if high > low else max(abs(low) * 0.1, 1.0)
+    return low - pad, high + pad
+
+
+def trend_chart(title: str, samples: Iterable[Sample], start: dt.datetime, end: dt.datetime,
+                y_range: tuple[float, float], threshold: float | None = None) -> Chart:
+    """Values in ``y_range`` over [start, end], one line per group (at most :data:`PALETTE` groups, the busiest)."""
     span_s = max((end - start).total_seconds(), 1.0)
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    low, high = y_range
 
     def x(when: dt.datetime) -> float:
         return LEFT + plot_w * min(max((when - start).total_seconds() / span_s, 0.0), 1.0)
 
-    def y(score: float) -> float:
-        return TOP + plot_h * (1.0 - min(max(score, 0.0), 1.0))
+    def y(value: float) -> float:
+        return TOP + plot_h * (1.0 - min(max((value - low) / (high - low), 0.0), 1.0))
 
     groups: dict[str, list[Sample]] = {}
     for sample in samples:
@@ -74,7 +91,7 @@ def score_chart(title: str, samples: Iterable[Sample], threshold: float, start: 
     busiest = sorted(groups, key=lambda name: (-len(groups[name]), name))[: len(PALETTE)]
     lines = tuple(
         Line(name, color, tuple(
-            Point(x(s.when), y(s.score), f"{s.when:%Y-%m-%d %H:%M} {s.score:.3f} {s.label}", s.url, s.alert)
+            Point(x(s.when), y(s.value), f"{s.when:%Y-%m-%d %H:%M} {s.value:.4g} {s.label}", s.url, s.alert)
             for s in sorted(groups[name], key=lambda s: s.when)
         ))
         for name, color in zip(busiest, PALETTE)
@@ -82,5 +99,5 @@ def score_chart(title: str, samples: Iterable[Sample], threshold: float, start: 
     anchors = ("start", "middle", "middle", "middle", "end")  # the outer labels stay inside the picture
     x_ticks = tuple((x(start + (end - start) * i / 4), f"{start + (end - start) * i / 4:%Y-%m-%d %H:%M}", anchor)
                     for i, anchor in enumerate(anchors))
-    y_ticks = tuple((y(v), f"{v:.2f}") for v in (0.0, 0.25, 0.5, 0.75, 1.0))
-    return Chart(title, lines, y(threshold), x_ticks, y_ticks)
+    y_ticks = tuple((y(v), f"{v:.3g}") for v in (low + (high - low) * i / 4 for i in range(5)))
+    return Chart(title, lines, None if threshold is None else y(threshold), x_ticks, y_ticks)

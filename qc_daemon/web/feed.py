@@ -16,9 +16,13 @@ LOOKBACK = dt.timedelta(seconds=30)
 def row_view(row: SeriesResult) -> dict:
     """What a page shows of a revision: UIDs, station, description and dates, never patient data."""
     view = row.to_dict()
-    view.pop("nifti_path", None)  # the server's file layout is not for the page
+    for key in ("nifti_path", "montage_path", "quality_map_path"):  # the server's file layout is not for the page
+        view.pop(key, None)
     view["changed_at"] = changed_at(row).isoformat(timespec="milliseconds") + "Z"
     view["url"] = f"/series/{row.series_instance_uid}"
+    revision_url = f"{view['url']}/{row.revision}"
+    view["montage_url"] = f"{revision_url}/montage.png" if row.montage_path else None
+    view["quality_map_url"] = f"{revision_url}/quality_map.nii.gz" if row.quality_map_path else None
     return view
 
 
