@@ -28,7 +28,9 @@ def _wait_for(predicate, timeout_s=60.0):
 
 def test_drop_folder_ingests_through_the_same_path(daemon_factory, tmp_path):
     drop = tmp_path / "drop"
-    daemon = daemon_factory(watch={"folder": str(drop), "settle_s": 0.1})
+    # a drop folder has no association to end: the quiet period completes the series (3 s: a loaded CI machine
+    # may ingest the 20 files slower than the default test setting of 0.5 s)
+    daemon = daemon_factory(watch={"folder": str(drop), "settle_s": 0.1}, assembly={"quiet_period_s": 3.0})
     series = classic_series(phantom((40, 40, 20)))
     uid = str(series[0].SeriesInstanceUID)
     write_series(series, drop / "exam")
