@@ -100,13 +100,15 @@ class ScoreCalibration:
     ``anchors`` (optional) maps an artifact kind to a piecewise-linear label -> score curve, as sorted
     ``(label, score)`` knots: the trainer anchors each kind's curve to physical severities (the label of a scan a
     technologist would repeat maps to the same score for every kind). ``kind=None`` or a kind without anchors uses
-    the linear mapping.
+    the linear mapping. For the kinds in ``physical_kinds`` the knots' first value is the artifact's physical
+    magnitude (``trainer.artifacts``), not the label: where the label cannot tell their severity apart.
     """
 
     label_name: str = "identity"
     label_at_0: float = 0.0
     label_at_1: float = 1.0
     anchors: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
+    physical_kinds: tuple[str, ...] = ()
 
     def score_from_label(self, label: float, kind: str | None = None) -> float:
         knots = dict(self.anchors).get(kind) if kind else None
@@ -119,7 +121,7 @@ class ScoreCalibration:
     def label_from_score(self, score: float, kind: str | None = None) -> float:
         knots = dict(self.anchors).get(kind) if kind else None
         if knots:
-            labels, scores = zip(*knots, strict=True)
+            labels, scores = zip(*sorted(knots, key=lambda k: k[1]), strict=True)
             return float(np.interp(score, scores, labels))
         return self.label_at_0 + score * (self.label_at_1 - self.label_at_0)
 
@@ -127,6 +129,8 @@ class ScoreCalibration:
         data: dict[str, Any] = {"label_name": self.label_name, "label_at_0": self.label_at_0, "label_at_1": self.label_at_1}
         if self.anchors:
             data["anchors"] = {kind: [list(k) for k in knots] for kind, knots in self.anchors}
+        if self.physical_kinds:
+            data["physical_kinds"] = list(self.physical_kinds)
         return json.dumps(data)
 
     @classmethod
@@ -137,7 +141,10 @@ class ScoreCalibration:
                 (str(kind), tuple((float(a), float(b)) for a, b in knots))
                 for kind, knots in dict(data.get("anchors") or {}).items()
             )
-            calibration = cls(str(data["label_name"]), float(data["label_at_0"]), float(data["label_at_1"]), anchors)
+            physical = tuple(str(k) for k in data.get("physical_kinds") or ())
+            calibration = cls(
+                str(data["label_name"]), float(data["label_at_0"]), float(data["label_at_1"]), anchors, physical
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"{KEY_SCORE_CALIBRATION}: bad value {text!r}") from exc
         if calibration.label_at_0 == calibration.label_at_1:

@@ -319,7 +319,7 @@ def test_still_scores_a_good_series_and_wrote_nothing_outside_its_state(hostile)
     outside = [p for p in hostile.root.rglob("*") if p.is_file()
                and not p.is_relative_to(hostile.state) and not p.is_relative_to(hostile.drop / "rejected")]
     assert not outside
-    assert {p.name for p in hostile.state.iterdir()} <= {"spool", "archive", "qc.sqlite3", "qc.sqlite3-wal",
+    assert {p.name for p in hostile.state.iterdir()} <= {"spool", "archive", "results", "qc.sqlite3", "qc.sqlite3-wal",
                                                          "qc.sqlite3-shm"}
     spool = hostile.daemon.spool.root
     assert not list(hostile.daemon.spool.incoming.iterdir())

@@ -84,6 +84,21 @@ def magnitude(kind: str, severity: int) -> float:
     return SEVERITY_TABLE[kind][severity]
 
 
+def physical_magnitude(kind: str, params: Mapping[str, Any]) -> float:
+    """The magnitude (units of :data:`UNITS`) that ``params`` of ``kind`` carry, jitter included."""
+    if kind in ("ghosting", "spike"):
+        return float(params["amplitude"])
+    if kind == "noise":
+        return float(params["sigma_fraction"])
+    if kind == "blur":
+        return float(params["sigma_mm"])
+    if kind == "bias":
+        return float(params["peak_to_peak"])
+    if kind == "motion":
+        return float(np.abs(np.asarray(params["translation_mm"])).max() / 0.7)
+    raise ValueError(f"unknown artifact kind {kind!r}")
+
+
 def draw_params(kind: str, severity: int, seed: int, pe_axis: int | None = None) -> dict[str, Any]:
     """The random half: parameters for ``kind`` at ``severity``; the seed fixes the artifact's shape only.
 

@@ -122,6 +122,9 @@ class DataSection(Section):
     # below it to calib_moderate_score, 1 to 1. Table source: score 1 at the (100 - p)-th and 0 at the p-th
     # percentile (p = calib_low_percentile) of the training labels (reversed when lower is better).
     calib_repeat_score: float = Field(0.3, gt=0.0, lt=1.0)
+    # kinds whose curve is anchored on the physical magnitude itself (artifacts.SEVERITY_TABLE), not on the label:
+    # for ghosts and spikes the SSIM label depends on where they fall more than on how strong they are
+    calib_physical_kinds: tuple[Annotated[str, AfterValidator(_artifact_kind)], ...] = ()
     calib_moderate_score: float = Field(0.65, gt=0.0, lt=1.0)
     calib_low_percentile: float = Field(2.0, ge=0.0, lt=50.0)
     # table source (MRIQC-style TSV/CSV)

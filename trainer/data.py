@@ -479,7 +479,9 @@ def fit_calibration(items: Sequence[VolumeItem], data: DataSection) -> ScoreCali
     but diagnostic) -> ``calib_moderate_score``; at ``REPEAT_SEVERITY`` (a scan to repeat) ->
     ``calib_repeat_score``; the same slope on down to 0. SSIM weighs the kinds very differently (12 % ghosts
     leave SSIM ~0.97, noise at WM SNR 9 ~0.8), so one curve for all would alert on mild noise or never on ghosts.
-    Bias field gets the median of the other kinds' curves: a smooth shading barely changes SSIM and is no reason
+    Kinds in ``calib_physical_kinds`` are anchored on their physical magnitude instead (``_physical_knots``).
+    With no training volume at those severities (a smoke-test config), the linear mapping: 0 at the
+    ``calib_low_percentile``-th percentile of the labels. Bias field gets the median of the other kinds' curves: a smooth shading barely changes SSIM and is no reason
     to repeat a scan. The linear ``label_at_0`` is the pooled curve's zero, for a reader of the metadata.
 
     Table source: score 1 at the (100 - p)-th and 0 at the p-th percentile when higher is better, the reverse
@@ -493,19 +495,25 @@ def fit_calibration(items: Sequence[VolumeItem], data: DataSection) -> ScoreCali
         for kind in data.kinds:
             moderate = [i.label for i in items if i.kind == kind and i.severity == artifacts.REPEAT_SEVERITY - 1]
             repeat = [i.label for i in items if i.kind == kind and i.severity == artifacts.REPEAT_SEVERITY]
+            if kind in data.calib_physical_kinds:
+                continue
             if kind != "bias" and moderate and repeat:
                 anchors[kind] = _anchor_knots(float(np.median(moderate)), float(np.median(repeat)), data)
-        if not anchors:
-            raise ValueError(f"no training volume at severity {artifacts.REPEAT_SEVERITY} to anchor the calibration")
+        if not anchors:  # too few severities (a smoke test): the linear mapping, 0 at the low label percentile
+            low = min(float(np.percentile(labels, data.calib_low_percentile)), 0.999)
+            return ScoreCalibration(LABEL_NAME, round(low, 4), 1.0)
         pooled = _anchor_knots(
             float(np.median([k[2][0] for k in anchors.values()])),
             float(np.median([k[1][0] for k in anchors.values()])),
             data,
         )
-        if "bias" in data.kinds:
+        if "bias" in data.kinds and "bias" not in data.calib_physical_kinds:
             anchors["bias"] = pooled
+        for kind in data.calib_physical_kinds:
+            anchors[kind] = _physical_knots(kind, data)
         ordered = tuple((kind, anchors[kind]) for kind in data.kinds if kind in anchors)
-        return ScoreCalibration(LABEL_NAME, pooled[0][0], 1.0, ordered)
+        physical = tuple(k for k in data.kinds if k in data.calib_physical_kinds)
+        return ScoreCalibration(LABEL_NAME, pooled[0][0], 1.0, ordered, physical)
     p = data.calib_low_percentile
     lo, hi = (float(v) for v in np.percentile(labels, [p, 100 - p]))
     if hi == lo:
@@ -525,15 +533,35 @@ def _anchor_knots(moderate: float, repeat: float, data: DataSection) -> tuple[tu
     return tuple((round(a, 5), round(b, 5)) for a, b in knots)
 
 
+def _physical_knots(kind: str, data: DataSection) -> tuple[tuple[float, float], ...]:
+    """Knots (magnitude, score) through the physical magnitudes of severities REPEAT-1 and REPEAT."""
+    table = artifacts.SEVERITY_TABLE[kind]
+    moderate, repeat = table[artifacts.REPEAT_SEVERITY - 1], table[artifacts.REPEAT_SEVERITY]
+    slope = (data.calib_moderate_score - data.calib_repeat_score) / (repeat - moderate)
+    zero = repeat + data.calib_repeat_score / slope
+    knots = ((0.0, 1.0), (moderate, data.calib_moderate_score), (repeat, data.calib_repeat_score), (zero, 0.0))
+    return tuple((round(a, 5), round(b, 5)) for a, b in knots)
+
+
 def target_score(item: VolumeItem, calibration: ScoreCalibration) -> float:
     """The score the network is trained to give ``item``: its label through its kind's calibration curve.
 
-    A mixture is scored by the most lenient curve among its parts' kinds (its SSIM holds every part's damage).
+    A mixture is scored by the most lenient curve among its parts' label-anchored kinds (its SSIM holds every
+    part's damage), and no higher than any part whose kind is anchored on its physical magnitude.
     """
     if item.kind == "clean":
         return 1.0
-    kinds = [d["kind"] for d in item.degradations] or [item.kind]
-    return max(calibration.score_from_label(item.label, kind) for kind in kinds)
+    parts = list(item.degradations) or [{"kind": item.kind, "params": None}]
+    physical = [
+        calibration.score_from_label(artifacts.physical_magnitude(p["kind"], p["params"]), p["kind"])
+        for p in parts
+        if p["kind"] in calibration.physical_kinds and p.get("params") is not None
+    ]
+    by_label = [
+        calibration.score_from_label(item.label, p["kind"]) for p in parts if p["kind"] not in calibration.physical_kinds
+    ]
+    candidates = ([max(by_label)] if by_label else []) + physical
+    return min(candidates) if candidates else 1.0
 
 
 def _progress(seq: Iterable[Any], enabled: bool, desc: str, total: int | None = None) -> Iterable[Any]:
