@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/loso")
     p.add_argument("--epochs", type=int, default=8, help="reduced budget: epochs per run")
     p.add_argument("--volumes-per-epoch", type=int, default=150, help="reduced budget: training volumes per epoch")
+    p.add_argument("--sites", default="", help="only these held-out sites, comma-separated (default: every one)")
 
     args = parser.parse_args(argv)
     from trainer.config import ConfigError, load_config, replace
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.generalisation import leave_one_site_out
 
             config = load_config(args.config)
-            print(leave_one_site_out(config, args.out, args.epochs, args.volumes_per_epoch).read_text())
+            sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+            print(leave_one_site_out(config, args.out, args.epochs, args.volumes_per_epoch, sites=sites).read_text())
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -254,9 +254,17 @@ def unseen_sites(model: str | Path, out_prefix: str | Path, dicom_root: str | Pa
     return write_report(out_prefix, {f"Unseen sites: {', '.join(UNSEEN_DICOM)} ({Path(model).name})": report})
 
 
-def leave_one_site_out(config, out_dir: str | Path, epochs: int, volumes_per_epoch: int, threshold: float = 0.5):
-    """``python -m trainer loso``: for every dataset (site) of ``config.data.roots``, train on the others at the
-    given (reduced) budget and report on that site's cached versions, scored like the daemon does."""
+def leave_one_site_out(
+    config,
+    out_dir: str | Path,
+    epochs: int,
+    volumes_per_epoch: int,
+    threshold: float = 0.5,
+    sites: Sequence[str] = (),
+):
+    """``python -m trainer loso``: for every dataset (site) of ``config.data.roots`` (or only ``sites``), train on
+    the others at the given (reduced) budget and report on that site's cached versions, scored like the daemon
+    does."""
     import torch
 
     from trainer.checkpoint import load_checkpoint
@@ -271,6 +279,8 @@ def leave_one_site_out(config, out_dir: str | Path, epochs: int, volumes_per_epo
     pooled: list[Observation] = []
     for held_out in roots:
         site = Path(held_out).name
+        if sites and site not in sites:
+            continue
         others = [r for r in roots if r != held_out]
         run = replace(
             config,
