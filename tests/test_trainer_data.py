@@ -181,3 +181,26 @@ def test_single_subject_datasets_get_more_versions(tmp_path):
     subjects = find_clean_subjects([tmp_path / "big", tmp_path / "one"])
     data = DataSection(versions_per_subject=5, min_versions_per_dataset=12)
     assert versions_for(subjects, data) == {"big": 5, "one": 12}
+
+
+def test_physical_kinds_are_anchored_on_their_magnitude():
+    from trainer.artifacts import REPEAT_SEVERITY, SEVERITY_TABLE
+    from trainer.data import target_score
+
+    data = DataSection(kinds=("noise", "ghosting"), calib_physical_kinds=("ghosting",))
+    items = [
+        VolumeItem(f"{k}{i}_{s}.npy", "a", str(i), k, s, 1.0 - 0.05 * s)
+        for i in range(3)
+        for k in ("noise", "ghosting")
+        for s in range(1, 6)
+    ]
+    calibration = fit_calibration(items, data)
+    assert calibration.physical_kinds == ("ghosting",)
+    repeat = SEVERITY_TABLE["ghosting"][REPEAT_SEVERITY]
+    ghost = VolumeItem(
+        "g.npy", "a", "0", "ghosting", 3, 0.999,
+        ({"kind": "ghosting", "params": {"axis": 0, "period": 2, "amplitude": repeat}},),
+    )
+    # the label (0.999) says "fine"; the magnitude says "repeat": the magnitude decides
+    assert target_score(ghost, calibration) == pytest.approx(data.calib_repeat_score)
+    assert ScoreCalibration.from_json(calibration.to_json()) == calibration
