@@ -80,6 +80,26 @@ def _existing_file(value: str) -> str:
 
 ExistingFile = Annotated[str, AfterValidator(_existing_file)]  # empty: not set
 
+def _server_tls_context(section: str, cert_file: str, key_file: str) -> ssl.SSLContext | None:
+    """A server context from a certificate and key set together (None when neither is): a typo in either is a
+    start-up error naming ``section``'s key, never a silently unencrypted port."""
+    if bool(cert_file) != bool(key_file):
+        missing = "tls_key_file" if cert_file else "tls_cert_file"
+        raise InvalidValue(missing, "", f"{section}.tls_cert_file and {section}.tls_key_file must be set together")
+    if not cert_file:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(Path(cert_file).expanduser(), Path(key_file).expanduser())
+    except (ssl.SSLError, OSError) as exc:
+        raise InvalidValue(
+            "tls_cert_file",
+            cert_file,
+            f"cannot load the certificate and key ({section}.tls_key_file = {key_file!r}): {exc}",
+        ) from None
+    return context
+
+
 class DicomSettings(Section):
     ae_title: Annotated[str, AfterValidator(_ae_title)] = "QC_DAEMON"
     host: str = "0.0.0.0"
@@ -108,21 +128,11 @@ class DicomSettings(Section):
     @model_validator(mode="after")
     def _tls_files_load(self) -> DicomSettings:
         """A typo in the TLS files is a start-up error, never a silently unencrypted port."""
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
-            raise InvalidValue(missing, "", "dicom.tls_cert_file and dicom.tls_key_file must be set together")
-        if self.tls_ca_file and not self.tls_cert_file:
+        context = _server_tls_context("dicom", self.tls_cert_file, self.tls_key_file)
+        if self.tls_ca_file and context is None:
             raise InvalidValue("tls_ca_file", self.tls_ca_file, "needs dicom.tls_cert_file and dicom.tls_key_file")
-        if not self.tls:
+        if context is None:
             return self
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(Path(self.tls_cert_file).expanduser(), Path(self.tls_key_file).expanduser())
-        except (ssl.SSLError, OSError) as exc:
-            raise InvalidValue(
-                "tls_cert_file", self.tls_cert_file,
-                f"cannot load the certificate and key (dicom.tls_key_file = {self.tls_key_file!r}): {exc}",
-            ) from None
         if self.tls_ca_file:
             try:
                 context.load_verify_locations(cafile=Path(self.tls_ca_file).expanduser())
@@ -250,18 +260,7 @@ class HttpSettings(Section):
         if bool(self.username) != bool(self.password.get_secret_value()):
             missing = "password" if self.username else "username"
             raise InvalidValue(missing, "", "http.username and http.password must be set together")
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
-            raise InvalidValue(missing, "", "http.tls_cert_file and http.tls_key_file must be set together")
-        if self.tls:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            try:
-                context.load_cert_chain(Path(self.tls_cert_file).expanduser(), Path(self.tls_key_file).expanduser())
-            except (ssl.SSLError, OSError) as exc:
-                raise InvalidValue(
-                    "tls_cert_file", self.tls_cert_file,
-                    f"cannot load the certificate and key (http.tls_key_file = {self.tls_key_file!r}): {exc}",
-                ) from None
+        _server_tls_context("http", self.tls_cert_file, self.tls_key_file)
         return self
 
 

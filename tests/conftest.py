@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -144,3 +147,27 @@ def pipeline(tmp_path_factory):
     pipe = Pipeline(make_settings(tmp_path_factory.mktemp("pipeline")))
     yield pipe
     pipe.store.close()
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    """A webhook receiver on loopback: (url, list of the JSON bodies POSTed to it)."""
+    _Hook.received = []
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/alerts", _Hook.received
+    server.shutdown()

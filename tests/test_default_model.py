@@ -9,11 +9,8 @@ applied on each scan's own grid, as a scanner would make them.
 
 from __future__ import annotations
 
-import json
-import threading
-from copy import deepcopy
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from copy import deepcopy
 
 import numpy as np
 import pytest
@@ -98,19 +95,6 @@ def test_nyquist_ghosts_lower_the_score_as_they_worsen(scorer, volumes, name):
     assert scores[-1] < THRESHOLD, scores  # a 50 % ghost alerts
 
 
-class _Hook(BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):  # noqa: N802 - http.server's naming
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 def _noisy_copy(datasets, fraction: float, seed: int = 0):
     """The series as a new series (new UIDs) with Rician noise of ``fraction`` x the series' p99 in every voxel
     (stored values; i.i.d. per voxel, so per slice is the same as on the volume)."""
@@ -133,7 +117,7 @@ def _noisy_copy(datasets, fraction: float, seed: int = 0):
 
 
 @pytest.mark.shared_data
-def test_over_dicom_a_non_diagnostic_series_alerts_and_the_clean_one_does_not(daemon_factory):
+def test_over_dicom_a_non_diagnostic_series_alerts_and_the_clean_one_does_not(daemon_factory, webhook):
     """The real Philips 3D T1 sent to a running daemon twice, as acquired and with severe noise: the webhook gets
     exactly one alert, for the noisy series."""
     import pydicom
@@ -142,22 +126,15 @@ def test_over_dicom_a_non_diagnostic_series_alerts_and_the_clean_one_does_not(da
     folder = shared_data("dicom", "philips_elitionx_t1_mprage_3d")
     clean = [pydicom.dcmread(p) for p in sorted(folder.iterdir()) if p.is_file()]
     noisy = _noisy_copy(clean, NON_DIAGNOSTIC["noise"])
-    _Hook.received = []
-    server = HTTPServer(("127.0.0.1", 0), _Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        daemon = daemon_factory(
-            alerts={"webhook_url": f"http://127.0.0.1:{server.server_address[1]}/alerts", "retry_initial_s": 0.1}
-        )
-        assert set(send_datasets(clean, daemon.port)) == {0}
-        assert set(send_datasets(noisy, daemon.port)) == {0}
-        assert daemon.wait_idle(300)
-        deadline = time.monotonic() + 30
-        while not _Hook.received and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.5)
-    finally:
-        server.shutdown()
+    url, received = webhook
+    daemon = daemon_factory(alerts={"webhook_url": url, "retry_initial_s": 0.1})
+    assert set(send_datasets(clean, daemon.port)) == {0}
+    assert set(send_datasets(noisy, daemon.port)) == {0}
+    assert daemon.wait_idle(300)
+    deadline = time.monotonic() + 30
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
     assert str(clean[0].SeriesInstanceUID) != str(noisy[0].SeriesInstanceUID)
-    assert [a["series_instance_uid"] for a in _Hook.received] == [str(noisy[0].SeriesInstanceUID)]
-    assert _Hook.received[0]["score"] < THRESHOLD
+    assert [a["series_instance_uid"] for a in received] == [str(noisy[0].SeriesInstanceUID)]
+    assert received[0]["score"] < THRESHOLD

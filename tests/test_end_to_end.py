@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
@@ -76,29 +74,6 @@ def test_late_instance_opens_a_new_revision(daemon_factory):
     rows = _rows(daemon, uid)
     assert [(r.revision, r.instances) for r in rows] == [(1, 23), (2, 24)]
     assert all(r.status is SeriesStatus.SCORED for r in rows)
-
-
-class _Hook(BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):  # noqa: N802 - http.server's naming
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def webhook():
-    _Hook.received = []
-    server = HTTPServer(("127.0.0.1", 0), _Hook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/alerts", _Hook.received
-    server.shutdown()
 
 
 def test_low_score_raises_one_alert_per_revision(daemon_factory, webhook, log_stream):
