@@ -9,7 +9,6 @@ import pytest
 
 pytestmark = pytest.mark.torch
 pytest.importorskip("torch")
-pytest.importorskip("torchio")
 
 from trainer.config import ConfigError, Device, Head, Source, Spatial, Split, TrainConfig, load_config, replace
 

@@ -10,7 +10,6 @@ import pytest
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
-pytest.importorskip("torchio")
 nib = pytest.importorskip("nibabel")
 
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint

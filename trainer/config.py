@@ -63,7 +63,7 @@ def _depth(value: int) -> int:
 
 
 def _artifact_kind(value: str) -> str:
-    from trainer.artifacts import KINDS  # numpy/torchio: only when a config names kinds
+    from trainer.artifacts import KINDS  # numpy/scipy: only when a config names kinds
 
     if value not in KINDS:
         raise ValueError("expected one of " + ", ".join(map(repr, KINDS)))

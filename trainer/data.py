@@ -7,12 +7,11 @@ volume::
     {"file", "dataset", "subject", "kind", "severity", "label", "degradations": [...], "source"}
 
 * ``source = "clean"`` (:func:`build_clean_cache`): every NIfTI under each root is a clean subject. Each
-  subject gets its clean version, every kind at every severity 1..max_severity, and ``mixtures_per_subject``
-  random mixtures; artifacts are applied at the model's spacing (so the network sees them as simulated);
-  the label is :func:`trainer.labels.quality_label` against the clean version. With ``contrast_gamma`` each
-  version (the clean one too) first gets its own contrast exponent (:func:`with_contrast`) and is labelled
-  against the clean scan at that contrast. Seeds derive from (dataset, subject, version) so the cache is
-  reproducible; every degradation's parameters and the exponent are recorded.
+  version of a subject (:func:`degraded_versions`) is made by :func:`make_version`: re-acquired
+  (``trainer.acquisition``, with ``data.acquisition``), degraded on that native grid (``trainer.artifacts``),
+  labelled there against the re-acquired clean scan (:func:`trainer.labels.quality_label`, a 1.5 mm window), then
+  resampled and normalised by the daemon's own code. Seeds derive from (dataset, subject, version) so the cache
+  is reproducible; every degradation's parameters and the acquisition are recorded.
 * ``source = "table"`` (:func:`build_table_cache`): an MRIQC-style TSV/CSV with a path column (or a BIDS
   name column resolved under ``bids_root``) and IQM columns; the label is the ``target`` column
   (``snr_total`` by default).

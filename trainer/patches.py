@@ -44,8 +44,8 @@ def reorient_randomly(inputs: np.ndarray, rng: np.random.Generator) -> np.ndarra
     """Each input (N, 1, *spatial), cubic or square, gets a random permutation of its spatial axes and random flips.
 
     Label-preserving: the SSIM label is computed with an isotropic window on isotropic voxels, so it is the same
-    for any permutation and flip of the whole volume. It moves the artifacts' directions around (TorchIO's motion
-    always segments k-space along the last axis; a scanner's phase encoding can be any axis) and keeps the
+    for any permutation and flip of the whole volume. It moves the artifacts' directions around (a scanner's phase
+    encoding can be any axis) and keeps the
     network from learning what a clean head *looks like where* in the 21 training subjects: without it a clean
     held-out scan presented with two axes swapped scored 0.54-0.84 instead of 0.97-0.99.
     """
