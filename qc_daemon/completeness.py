@@ -35,9 +35,42 @@ SPACING_RELATIVE_TOLERANCE = 0.01
 MIN_SPACING_MM = 1e-3
 
 _PHILIPS_CREATOR = "Philips Imaging DD 001"
+_PHILIPS_FIELDS = (("slices", 0x18), ("stacks", 0x60), ("dynamics", 0x81), ("phases", 0x17), ("echoes", 0x14))
 _SIEMENS_PROTOCOLS = ((0x0029, 0x20, "SIEMENS CSA HEADER"), (0x0021, 0x19, "SIEMENS MR SDS 01"))
-_ASCCONV = re.compile(rb"### ASCCONV BEGIN.*?\n(.*?)### ASCCONV END", re.S)
-_ASCCONV_LINE = re.compile(r"^(\S+)\s*=\s*(\S+)", re.M)
+
+# Every top-level element slice_facts and announced_count read, so that the intake parses only these (and the
+# UIDs it checks) from a received instance: standard tags, and in the private groups the creators (gggg,0010-00FF)
+# and, in any block, the element offsets read above.
+FACT_TAGS = frozenset({
+    0x00080008,  # ImageType
+    0x00080016,  # SOPClassUID
+    0x00200032,  # ImagePositionPatient
+    0x00200037,  # ImageOrientationPatient
+    0x00201002,  # ImagesInAcquisition
+    0x00280008,  # NumberOfFrames
+})
+_PRIVATE_OFFSETS: dict[int, frozenset[int]] = {
+    0x2001: frozenset(offset for _, offset in _PHILIPS_FIELDS),
+    **{group: frozenset({offset}) for group, offset, _ in _SIEMENS_PROTOCOLS},
+}
+
+
+def is_fact_tag(tag: int) -> bool:
+    """Whether the top-level element ``tag`` (``group << 16 | element``) is one the facts are read from."""
+    if tag in FACT_TAGS:
+        return True
+    offsets = _PRIVATE_OFFSETS.get(tag >> 16)
+    element = tag & 0xFFFF
+    return offsets is not None and (0x0010 <= element <= 0x00FF or (element >= 0x1000 and element & 0xFF in offsets))
+
+
+_ASCCONV_BEGIN, _ASCCONV_END = b"### ASCCONV BEGIN", b"### ASCCONV END"
+_ASCCONV_KEYS = ("lRepetitions", "lContrasts", "sDiffusion.lDiffDirections", "lSets", "sKSpace.ucDimension",
+                 "sSliceArray.lSize", "sKSpace.lImagesPerSlab")
+# A protocol line "key = value" for the keys read here only: an XA protocol is ~135 kB on every instance, and this
+# search is ~10x faster than splitting every line (it runs on the listener's thread, per received instance).
+_ASCCONV_LINE = re.compile(rb"\n(" + b"|".join(re.escape(key.encode()) for key in _ASCCONV_KEYS)
+                           + rb")[ \t]*=[ \t]*(\S+)")
 _SIEMENS_3D, _SIEMENS_2D = 4, 2
 
 
@@ -103,7 +136,7 @@ def _philips_count(dataset: Dataset) -> int | None:
     if block is None:
         return None
     values = {}
-    for name, offset in (("slices", 0x18), ("stacks", 0x60), ("dynamics", 0x81), ("phases", 0x17), ("echoes", 0x14)):
+    for name, offset in _PHILIPS_FIELDS:
         try:
             values[name] = _positive_int(block[offset].value) if offset in block else None
         except Exception:  # noqa: BLE001 - a malformed private element: no announcement
@@ -137,11 +170,18 @@ def _ascconv(dataset: Dataset) -> dict[str, str] | None:
         value = _private(dataset, group, offset, creator)
         if isinstance(value, (bytes, str)):
             raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
-            match = _ASCCONV.search(raw)
-            if match:
-                text = match.group(1).decode("latin-1")
-                return {key: val for key, val in _ASCCONV_LINE.findall(text)}
+            section = _ascconv_section(raw)
+            if section is not None:  # the last line of a key wins, as it would in a dict of every line
+                return {key.decode(): val.decode("latin-1") for key, val in _ASCCONV_LINE.findall(b"\n" + section)}
     return None
+
+
+def _ascconv_section(raw: bytes) -> bytes | None:
+    """The protocol between the line that begins "### ASCCONV BEGIN" and "### ASCCONV END", or None."""
+    begin = raw.find(_ASCCONV_BEGIN)
+    start = raw.find(b"\n", begin) if begin >= 0 else -1
+    end = raw.find(_ASCCONV_END, start + 1) if start >= 0 else -1
+    return raw[start + 1 : end] if end >= 0 else None
 
 
 def _ascconv_int(protocol: dict[str, str], key: str) -> int | None:

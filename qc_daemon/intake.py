@@ -22,8 +22,15 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from qc_daemon.completeness import SliceFacts, announced_count, slice_facts
-from qc_daemon.dicom_bytes import DatasetTooLarge, MalformedDataset, check_part10, decode_dataset
+from qc_daemon.completeness import SliceFacts, announced_count, is_fact_tag, slice_facts
+from qc_daemon.dicom_bytes import (
+    Buffer,
+    DatasetTooLarge,
+    MalformedDataset,
+    check_part10,
+    decode_dataset,
+    part10_header,
+)
 from qc_daemon.spool import InvalidUID, Spool, StoreOutcome, check_uid
 
 
@@ -66,6 +73,18 @@ class InstanceCounts(Protocol):
 NETWORK = "dicom"
 DROP_FOLDER = "folder"
 
+# The top-level elements a received instance is parsed for (besides the completeness facts): what is checked here.
+_CHECKED_TAGS = frozenset({
+    0x00080005,  # SpecificCharacterSet
+    0x00080016,  # SOPClassUID
+    0x00080018,  # SOPInstanceUID
+    0x0020000E,  # SeriesInstanceUID
+})
+
+
+def _in_header(tag: int) -> bool:
+    return tag in _CHECKED_TAGS or is_fact_tag(tag)
+
 
 class Intake:
     def __init__(
@@ -87,35 +106,40 @@ class Intake:
 
     def accept_stream(
         self,
-        stream: bytes,
+        stream: Buffer,
         transfer_syntax: str,
-        encoded: Callable[[], bytes],
         *,
-        sop_class_uid: str | None = None,
-        sop_instance_uid: str | None = None,
+        start: int = 0,
+        sop_class_uid: str,
+        sop_instance_uid: str | None,
+        calling_ae: str,
         association_id: int | None = None,
     ) -> StoreOutcome:
         """Spool one instance received over DIMSE.
 
-        ``stream`` is the dataset as sent (no file meta) in ``transfer_syntax``; ``encoded`` returns the Part 10
-        bytes to write. ``sop_class_uid``/``sop_instance_uid`` are the request's Affected SOP Class/Instance UIDs,
-        which the dataset must repeat; ``association_id`` names the association that delivered it. The dataset
-        is decoded here, only after its structure has been checked.
+        ``stream[start:]`` is the dataset as sent (no file meta) in ``transfer_syntax``: bytes, or a read-only map
+        of the file pynetdicom received it into. ``sop_class_uid``/``sop_instance_uid`` are the request's
+        Affected SOP Class/Instance UIDs, which the dataset must repeat; ``calling_ae`` goes into the spooled
+        file's meta (Source Application Entity Title); ``association_id`` names the association that delivered
+        it. Only the header elements needed here are parsed, after the whole structure has been checked; the
+        bytes are spooled as sent, after a file meta built for them.
         """
         with self._counted(NETWORK):
-            return self._accept_stream(stream, transfer_syntax, encoded, sop_class_uid, sop_instance_uid,
-                                       association_id)
+            self._check_size_and_room(len(stream) - start)
+            syntax = UID(transfer_syntax)
+            try:
+                dataset = decode_dataset(stream, syntax, self.max_instance_bytes, start=start, keep=_in_header)
+            except DatasetTooLarge as exc:
+                raise InstanceRejected(StoreStatus.OUT_OF_RESOURCES, str(exc)) from exc
+            except MalformedDataset as exc:
+                raise InstanceRejected(StoreStatus.CANNOT_UNDERSTAND, f"malformed dataset: {exc}"[:300]) from exc
 
-    def _accept_stream(self, stream, transfer_syntax, encoded, sop_class_uid, sop_instance_uid, association_id):
-        self._check_size_and_room(len(stream))
-        syntax = UID(transfer_syntax)
-        try:
-            dataset = decode_dataset(stream, syntax, self.max_instance_bytes)
-        except DatasetTooLarge as exc:
-            raise InstanceRejected(StoreStatus.OUT_OF_RESOURCES, str(exc)) from exc
-        except MalformedDataset as exc:
-            raise InstanceRejected(StoreStatus.CANNOT_UNDERSTAND, f"malformed dataset: {exc}"[:300]) from exc
-        return self._store(dataset, encoded, sop_instance_uid, sop_class_uid, association_id)
+            def write(series_uid: str, sop_uid: str) -> StoreOutcome:
+                head = part10_header(sop_class_uid, sop_uid, syntax, calling_ae)
+                with memoryview(stream) as view, view[start:] as body:
+                    return self.spool.store(series_uid, sop_uid, head, body)
+
+            return self._store(dataset, write, sop_instance_uid, sop_class_uid, association_id)
 
     def accept_file(self, path: Path) -> StoreOutcome:
         """Spool one Part 10 file (the drop folder): size checked before reading, structure before parsing."""
@@ -163,7 +187,8 @@ class Intake:
             raise InstanceRejected(
                 StoreStatus.CANNOT_UNDERSTAND, f"not a readable DICOM file: {type(exc).__name__}: {exc}"[:300]
             ) from exc
-        return self._store(dataset, lambda: data, sop_instance_uid)
+        return self._store(dataset, lambda series_uid, sop_uid: self.spool.store(series_uid, sop_uid, data),
+                           sop_instance_uid)
 
     @contextmanager
     def _counted(self, source: str) -> Iterator[None]:
@@ -189,7 +214,7 @@ class Intake:
     def _store(
         self,
         dataset: Dataset,
-        encoded: Callable[[], bytes],
+        write: Callable[[str, str], StoreOutcome],
         sop_instance_uid: str | None,
         sop_class_uid: str | None = None,
         association_id: int | None = None,
@@ -214,7 +239,7 @@ class Intake:
                 f"Affected SOP Class UID ({sop_class_uid[:64]!r})",
             )
         try:
-            outcome = self.spool.store(series_uid, sop_uid, encoded())
+            outcome = write(series_uid, sop_uid)  # the spool: only once every check above has passed
         except InvalidUID as exc:
             raise InstanceRejected(StoreStatus.CANNOT_UNDERSTAND, str(exc)) from exc
         except OSError as exc:

@@ -8,9 +8,10 @@ instance durably in the spool; nothing slow happens here (assembly and scoring r
 from __future__ import annotations
 
 import ipaddress
+import mmap
 import ssl
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydicom import uid as dcm_uid
@@ -19,6 +20,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from qc_daemon.dicom_bytes import Buffer, dataset_start
 from qc_daemon.intake import InstanceRejected, Intake, StoreStatus
 from qc_daemon.logs import get_logger
 from qc_daemon.settings import DicomSettings, SettingsError
@@ -102,17 +104,16 @@ def handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
     calling_ae = event.assoc.requestor.ae_title
     sop_uid = str(request.AffectedSOPInstanceUID or "")
     try:
-        stream = request.DataSet.getvalue()
-        meta = event.file_meta
-        meta.SourceApplicationEntityTitle = calling_ae
-        outcome = intake.accept_stream(
-            stream,
-            event.context.transfer_syntax,
-            partial(_part10, meta, stream),
-            sop_class_uid=str(request.AffectedSOPClassUID or ""),
-            sop_instance_uid=sop_uid or None,
-            association_id=id(event.assoc),
-        )
+        with _received_dataset(event) as (stream, start):
+            outcome = intake.accept_stream(
+                stream,
+                event.context.transfer_syntax,
+                start=start,
+                sop_class_uid=str(request.AffectedSOPClassUID or ""),
+                sop_instance_uid=sop_uid or None,
+                calling_ae=calling_ae,
+                association_id=id(event.assoc),
+            )
     except InstanceRejected as exc:
         log.warning("instance_rejected", calling_ae=calling_ae, status=f"0x{int(exc.status):04X}", reason=exc.reason)
         return failure_status(exc.status, exc.reason)
@@ -142,15 +143,17 @@ def failure_status(status: StoreStatus, reason: str) -> Dataset:
     return response
 
 
-def _part10(meta, stream: bytes) -> bytes:
-    from pydicom.filewriter import write_file_meta_info
-    from pydicom.filebase import DicomBytesIO
-
-    buffer = DicomBytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    buffer.write(stream)
-    return buffer.getvalue()
+@contextmanager
+def _received_dataset(event: evt.Event) -> Iterator[tuple[Buffer, int]]:
+    """The received dataset and where it starts: mapped read-only from the file pynetdicom received it into
+    (chunked receiving, which pynetdicom removes once the handler returns), else the bytes it kept in memory."""
+    path = event.dataset_path  # None unless pynetdicom's STORE_RECV_CHUNKED_DATASET is on
+    if path is None:
+        yield event.request.DataSet.getvalue(), 0
+        return
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        start, _ = dataset_start(mapped)  # after the file meta pynetdicom wrote
+        yield mapped, start
 
 
 def _peer_allowed(address: str, allowed: list) -> bool:

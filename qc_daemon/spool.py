@@ -50,18 +50,21 @@ class Spool:
     def series_dir(self, series_uid: str) -> Path:
         return self.root / check_uid(series_uid, "SeriesInstanceUID")
 
-    def store(self, series_uid: str, sop_instance_uid: str, data: bytes) -> StoreOutcome:
-        """Write one instance durably; returns DUPLICATE (and writes nothing) if it is already spooled."""
+    def store(self, series_uid: str, sop_instance_uid: str, *parts: bytes | memoryview) -> StoreOutcome:
+        """Write one instance (the concatenation of ``parts``) durably; returns DUPLICATE (and writes nothing)
+        if it is already spooled. When this returns NEW, the file and its folder entry are on disk (fsynced)."""
         folder = self.series_dir(series_uid)
         target = folder / (check_uid(sop_instance_uid, "SOPInstanceUID") + INSTANCE_SUFFIX)
         if target.exists():
             return StoreOutcome.DUPLICATE
         fd, tmp_name = tempfile.mkstemp(dir=self.incoming, prefix="rx-", suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                for part in parts:
+                    _write_all(fd, part)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             new_folder = not folder.exists()
             folder.mkdir(exist_ok=True)
             if new_folder:
@@ -110,6 +113,14 @@ class Spool:
                 shutil.rmtree(self.series_dir(uid), ignore_errors=True)
                 removed.append(uid)
         return removed
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until every byte is written (one call writes at most ~2 GiB, and may write less)."""
+    with memoryview(data) as view:
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written:])
 
 
 def _fsync_dir(path: Path) -> None:
