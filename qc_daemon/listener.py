@@ -17,6 +17,7 @@ from pathlib import Path
 from pydicom import uid as dcm_uid
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -54,8 +55,14 @@ REJECT_PEER_NOT_ALLOWED = (0x01, 0x01, 0x01)  # permanent, service user, no reas
 REJECT_NO_DISK = (0x02, 0x03, 0x01)  # transient, service provider (presentation), temporary congestion
 
 
+# The largest P-DATA PDU we accept (what we tell the sender): DCMTK's upper limit. With its default 16 kB a
+# 141 kB MR slice arrives in 10 PDUs, each decoded by pynetdicom's Python reactor; with this one in 2.
+MAX_PDU_BYTES = 131072
+
+
 def build_ae(settings: DicomSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = MAX_PDU_BYTES
     ae.maximum_associations = settings.max_associations
     ae.acse_timeout = settings.acse_timeout_s
     ae.dimse_timeout = settings.dimse_timeout_s
@@ -207,6 +214,8 @@ def start_listener(
     """Start the AE. ``on_released`` gets the id of an association the peer released (the ``association_id``
     of the instances it delivered); ``on_ended`` that of one aborted or closed without a release (the
     connection's close follows a release too: ``on_ended`` must then do nothing harmful)."""
+    # pynetdicom's switch is process-wide: the listener started last decides (handle_store takes either form).
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = settings.receive_to_disk
     ae = build_ae(settings)
     ssl_context = build_ssl_context(settings)
     allowed = [ipaddress.ip_network(p, strict=False) for p in settings.allowed_peers]

@@ -115,6 +115,8 @@ class DicomSettings(Section):
     network_timeout_s: float = Field(60.0, gt=0)
     # A single instance larger than this is refused (out of resources) before it is written.
     max_instance_mb: int = Field(1024, ge=1)
+    # pynetdicom writes each incoming dataset to a temporary file ($TMPDIR) instead of memory (process-wide).
+    receive_to_disk: bool = False
     # DICOM TLS (PS3.15 B.1), TLS 1.2+. Empty cert/key: plain TCP. With a CA file, clients must present a
     # certificate signed by it (mutual TLS); without one, any client may connect over TLS.
     tls_cert_file: ExistingFile = ""

@@ -332,3 +332,45 @@ def test_still_scores_a_good_series_and_wrote_nothing_outside_its_state(hostile)
     for crafted in ("/tmp/qc-hostile-absolute-net", "/tmp/qc-hostile-absolute-drop", "/tmp/qc-hostile-sop",
                     "/tmp/qc-hostile-sop2", "/tmp/qc-hostile-sop.dcm", "/tmp/qc-hostile-sop2.dcm"):
         assert not Path(crafted).exists()
+
+
+def test_receiving_to_disk_answers_as_from_memory_and_keeps_a_large_instance_out_of_memory(daemon_factory, tmp_path):
+    """``dicom.receive_to_disk``: pynetdicom writes each dataset to a temporary file as it arrives and the intake
+    reads it through a map. The statuses are those of the in-memory path, the spooled file is the one sent (with
+    the calling AE in its meta), and an 18 MiB instance costs the daemon a small fraction of its size in traced
+    memory (sent by DCMTK from another process: pynetdicom's own sender reads the whole file)."""
+    import subprocess
+
+    from dcmtk_tools import dcmtk_tool
+    from hostile_corpus import split
+    from pydicom import dcmread
+
+    daemon = daemon_factory(dicom={"max_instance_mb": 32, "receive_to_disk": True})
+    try:
+        for name in ("truncated_in_pixel_data", "huge_length_pixel_data", "series_uid_dotdot", "sop_instance_mismatch",
+                     "deflate_bomb", "duplicates"):
+            case = NETWORK[name]
+            assert send_files(case.files, daemon.port, tmp_path, name) == [case.status] * len(case.files), name
+
+        storescu = dcmtk_tool("storescu")
+        if storescu is None:
+            pytest.skip("DCMTK storescu not installed")
+        (big,) = small_series("received_to_disk", "disk", slices=1)
+        big.Rows = big.Columns = 3000
+        big.PixelData = np.full((3000, 3000), 7, np.uint16).tobytes()
+        sent = tmp_path / "big.dcm"
+        sent.write_bytes(encode(big))
+        tracemalloc.start()
+        try:
+            subprocess.run([storescu, "-aet", "BIG_SCU", "-aec", "QC_DAEMON", "127.0.0.1", str(daemon.port), str(sent)],
+                           check=True, capture_output=True, timeout=120)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        size = sent.stat().st_size
+        assert peak < size / 4, f"{peak / 2**20:.1f} MiB traced for a {size / 2**20:.0f} MiB instance"
+        spooled = daemon.spool.series_dir(str(big.SeriesInstanceUID)) / f"{big.SOPInstanceUID}.dcm"
+        assert split(spooled.read_bytes())[1] == split(sent.read_bytes())[1]
+        assert dcmread(spooled, stop_before_pixels=True).file_meta.SourceApplicationEntityTitle == "BIG_SCU"
+    finally:
+        _config.STORE_RECV_CHUNKED_DATASET = False  # pynetdicom's switch is process-wide: back to the default
