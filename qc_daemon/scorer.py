@@ -140,6 +140,26 @@ class Scorer:
         if len(shape) != 5 or list(shape[1:]) != [1, p, p, p]:
             raise ModelError(f"{self.path}: input shape {shape} does not match patch size {p}")
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.session.get_providers()[0] == "CUDAExecutionProvider"
+
+    def warm_up(self) -> float:
+        """Run the session once on dummy patches at the model's input shape, so the first series does not pay
+        for ONNX Runtime's first run (memory arena, thread pool; on CUDA, the cuDNN algorithm search for each
+        input shape, hence every batch size a volume can produce). Returns the seconds it took; logs
+        ``model_warmed_up``."""
+        started = time.perf_counter()
+        p = self.info.patch_size
+        batch_sizes = range(1, self.batch_size + 1) if self.on_gpu else [self.batch_size]
+        for batch in batch_sizes:
+            patches = np.full((batch, 1, p, p, p), self.info.normalisation.floor, np.float32)  # (B, 1, P, P, P)
+            self.session.run([OUTPUT_NAME], {INPUT_NAME: patches})
+        seconds = time.perf_counter() - started
+        log.info("model_warmed_up", seconds=round(seconds, 3), batch_sizes=list(batch_sizes),
+                 providers=self.session.get_providers())
+        return seconds
+
     def score_volume(self, volume: Volume) -> Score:
         started = time.perf_counter()
         info = self.info

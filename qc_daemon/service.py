@@ -1,10 +1,10 @@
 """The running node: wires the parts from one Settings object, recovers from the spool, stops cleanly.
 
-Start-up order: store (migrated) -> scorer (model checked; refuse to start on a bad model) -> spool recovery
-(every series in the spool that has no final result for all its instances is tracked again) -> workers ->
-alerts -> listener and drop folder. Stop (SIGTERM): stop accepting (listener, drop folder), let the series in
-progress finish, leave queued ones in the spool for the next start, stop alerts. The constructor only builds
-the parts; every thread is started by :meth:`Daemon.start`.
+Start-up order: store (migrated) -> scorer (model checked; refuse to start on a bad model) -> model warm-up (one
+dummy batch, on its own thread) -> spool recovery (every series in the spool that has no final result for all its
+instances is tracked again) -> workers -> alerts -> listener and drop folder. Stop (SIGTERM): stop accepting
+(listener, drop folder), let the series in progress finish, leave queued ones in the spool for the next start,
+stop alerts. The constructor only builds the parts; every thread is started by :meth:`Daemon.start`.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class Daemon:
         self._stop = threading.Event()
         self._stopping = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="qc-assembler", daemon=True)
+        self._warm_up = threading.Thread(target=self._warm_up_model, name="qc-warm-up", daemon=True)
 
     @property
     def port(self) -> int:
@@ -141,6 +142,7 @@ class Daemon:
             return awaits_result(session, series_uid, len(self.spool.instance_paths(series_uid)))
 
     def start(self) -> None:
+        self._warm_up.start()  # beside the listener: receiving does not need the model, the first series does
         self.recover()
         self.work.start()
         self._ticker.start()
@@ -167,6 +169,12 @@ class Daemon:
         web.start()
         log.info("web_ready", url=web.url)
         return web
+
+    def _warm_up_model(self) -> None:
+        try:
+            self.scorer.warm_up()
+        except Exception:  # noqa: BLE001 - the first series then pays for it (and fails with the reason if it must)
+            log.exception("model_warm_up_failed")
 
     def _tick_loop(self) -> None:
         last_retention = 0.0
@@ -217,6 +225,8 @@ class Daemon:
         if self._ticker.is_alive():
             self._ticker.join()
         self.work.stop()
+        if self._warm_up.is_alive():
+            self._warm_up.join()
         self.alerts.stop()
         self.store.close()
         log.info("daemon_stopped")

@@ -159,3 +159,16 @@ def test_refused_instance_says_why_in_the_error_comment(daemon_factory):
     assert status.Status == 0xC000
     assert status.ErrorComment.startswith("SeriesInstanceUID is not a valid UID")
     assert list(daemon.spool.series_uids()) == []
+
+
+def test_the_model_is_warmed_up_when_the_daemon_starts(daemon_factory, log_stream):
+    """One dummy batch at the model's input shape runs at start (on its own thread, beside the listener), so the
+    first series does not pay for ONNX Runtime's first run; on a GPU every batch size a volume can produce."""
+    daemon = daemon_factory()
+    deadline = time.monotonic() + 120
+    while '"model_warmed_up"' not in log_stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (line,) = [json.loads(text) for text in log_stream.getvalue().splitlines() if '"model_warmed_up"' in text]
+    scorer = daemon.scorer
+    assert line["seconds"] > 0 and line["providers"] == scorer.session.get_providers()
+    assert line["batch_sizes"] == (list(range(1, scorer.batch_size + 1)) if scorer.on_gpu else [scorer.batch_size])
