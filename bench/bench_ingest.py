@@ -80,7 +80,9 @@ def time_daemon(storescu: str, folder: Path, fsync: bool = True) -> dict:
         process = subprocess.Popen([sys.executable, *launcher, "--config", str(config), "serve"],
                                    stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=ENV)
         try:
-            _DaemonLog(log_path).wait_for("daemon_ready", timeout_s=120)
+            log = _DaemonLog(log_path)
+            log.wait_for("daemon_ready", timeout_s=120)
+            log.wait_for("model_warmed_up", timeout_s=120)  # its one dummy batch must not share the send's CPUs
             ready_kib = _kib(process.pid, "VmRSS")
             Path(f"/proc/{process.pid}/clear_refs").write_text("5")  # peak from here on
             seconds = _send(storescu, folder, port)

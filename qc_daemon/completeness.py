@@ -38,9 +38,13 @@ _PHILIPS_CREATOR = "Philips Imaging DD 001"
 _PHILIPS_FIELDS = (("slices", 0x18), ("stacks", 0x60), ("dynamics", 0x81), ("phases", 0x17), ("echoes", 0x14))
 _SIEMENS_PROTOCOLS = ((0x0029, 0x20, "SIEMENS CSA HEADER"), (0x0021, 0x19, "SIEMENS MR SDS 01"))
 
-# Every top-level element slice_facts and announced_count read, so that the intake parses only these (and the
-# UIDs it checks) from a received instance: standard tags, and in the private groups the creators (gggg,0010-00FF)
-# and, in any block, the element offsets read above.
+# Every top-level element slice_facts and announced_count read, as tags (group << 16 | element): the intake
+# parses only these (and the UIDs it checks) from a received instance. The standard ones, and in each private
+# group read above its creators (gggg,0010-00FF) and, in every block xx, the offsets read (gggg,xxoo).
+_PRIVATE_OFFSETS: dict[int, frozenset[int]] = {
+    0x2001: frozenset(offset for _, offset in _PHILIPS_FIELDS),
+    **{group: frozenset({offset}) for group, offset, _ in _SIEMENS_PROTOCOLS},
+}
 FACT_TAGS = frozenset({
     0x00080008,  # ImageType
     0x00080016,  # SOPClassUID
@@ -48,21 +52,12 @@ FACT_TAGS = frozenset({
     0x00200037,  # ImageOrientationPatient
     0x00201002,  # ImagesInAcquisition
     0x00280008,  # NumberOfFrames
-})
-_PRIVATE_OFFSETS: dict[int, frozenset[int]] = {
-    0x2001: frozenset(offset for _, offset in _PHILIPS_FIELDS),
-    **{group: frozenset({offset}) for group, offset, _ in _SIEMENS_PROTOCOLS},
-}
-
-
-def is_fact_tag(tag: int) -> bool:
-    """Whether the top-level element ``tag`` (``group << 16 | element``) is one the facts are read from."""
-    if tag in FACT_TAGS:
-        return True
-    offsets = _PRIVATE_OFFSETS.get(tag >> 16)
-    element = tag & 0xFFFF
-    return offsets is not None and (0x0010 <= element <= 0x00FF or (element >= 0x1000 and element & 0xFF in offsets))
-
+}) | frozenset(
+    group << 16 | element
+    for group, offsets in _PRIVATE_OFFSETS.items()
+    for block in range(0x10, 0x100)
+    for element in (block, *(block << 8 | offset for offset in offsets))
+)
 
 _ASCCONV_BEGIN, _ASCCONV_END = b"### ASCCONV BEGIN", b"### ASCCONV END"
 _ASCCONV_KEYS = ("lRepetitions", "lContrasts", "sDiffusion.lDiffDirections", "lSets", "sKSpace.ucDimension",

@@ -18,7 +18,7 @@ import mmap
 import os
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from functools import lru_cache
 from typing import BinaryIO, Union
 
@@ -68,13 +68,13 @@ def decode_dataset(
     inflate_limit: int,
     *,
     start: int = 0,
-    keep: Callable[[int], bool] | None = None,
+    keep: AbstractSet[int] | None = None,
 ) -> Dataset:
     """A received dataset (no file meta), ``stream[start:]``, checked and then parsed; the deflated syntax is
     inflated boundedly.
 
-    With ``keep`` (a predicate on top-level tags as ``group << 16 | element``), only the top-level elements it
-    accepts are parsed, whole (their sequences included); without it, every element before the pixel data.
+    With ``keep`` (top-level tags as ``group << 16 | element``), only the top-level elements it holds are parsed,
+    whole (their sequences included); without it, every element before the pixel data.
     """
     if not transfer_syntax.is_transfer_syntax:
         raise MalformedDataset(f"unknown transfer syntax {str(transfer_syntax)[:64]!r}")
@@ -218,11 +218,11 @@ class _Walker:
 
     Mirrors what pydicom accepts (including its switch to the other VR encoding when a dataset's first element
     says so), but refuses what pydicom would read past the end, allocate from a lying length, or recurse on.
-    With ``keep``, the (start, end) of each top-level element whose tag it accepts is appended to ``kept``;
+    With ``keep``, the (start, end) of each top-level element whose tag it holds is appended to ``kept``;
     ``implicit`` is the top level's VR encoding as found.
     """
 
-    def __init__(self, buf: Buffer, keep: Callable[[int], bool] | None = None):
+    def __init__(self, buf: Buffer, keep: AbstractSet[int] | None = None):
         self.buf = buf
         self.elements = 0
         self.keep = keep
@@ -304,7 +304,7 @@ class _Walker:
                 if vr == _SQ or (vr is None and _is_sequence(tag)):
                     self.items(pos, pos + length, implicit, endian, depth + 1)
                 pos += length
-            if keep is not None and keep(tag):
+            if keep is not None and tag in keep:
                 self.kept.append((start, pos))
         if in_item:
             raise MalformedDataset("item without its delimiter (truncated)")

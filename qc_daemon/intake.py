@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from qc_daemon.completeness import SliceFacts, announced_count, is_fact_tag, slice_facts
+from qc_daemon.completeness import FACT_TAGS, SliceFacts, announced_count, slice_facts
 from qc_daemon.dicom_bytes import (
     Buffer,
     DatasetTooLarge,
@@ -73,17 +73,13 @@ class InstanceCounts(Protocol):
 NETWORK = "dicom"
 DROP_FOLDER = "folder"
 
-# The top-level elements a received instance is parsed for (besides the completeness facts): what is checked here.
-_CHECKED_TAGS = frozenset({
+# The top-level elements a received instance is parsed for: what is checked here, and the completeness facts.
+HEADER_TAGS = FACT_TAGS | {
     0x00080005,  # SpecificCharacterSet
     0x00080016,  # SOPClassUID
     0x00080018,  # SOPInstanceUID
     0x0020000E,  # SeriesInstanceUID
-})
-
-
-def _in_header(tag: int) -> bool:
-    return tag in _CHECKED_TAGS or is_fact_tag(tag)
+}
 
 
 class Intake:
@@ -128,7 +124,7 @@ class Intake:
             self._check_size_and_room(len(stream) - start)
             syntax = UID(transfer_syntax)
             try:
-                dataset = decode_dataset(stream, syntax, self.max_instance_bytes, start=start, keep=_in_header)
+                dataset = decode_dataset(stream, syntax, self.max_instance_bytes, start=start, keep=HEADER_TAGS)
             except DatasetTooLarge as exc:
                 raise InstanceRejected(StoreStatus.OUT_OF_RESOURCES, str(exc)) from exc
             except MalformedDataset as exc:

@@ -18,7 +18,7 @@ from pynetdicom.dsutils import create_file_meta
 
 from qc_daemon.completeness import announced_count, slice_facts
 from qc_daemon.dicom_bytes import MalformedDataset, check_part10, dataset_start, decode_dataset, part10_header
-from qc_daemon.intake import _in_header
+from qc_daemon.intake import HEADER_TAGS
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -41,7 +41,7 @@ def test_file_meta_is_what_pydicom_writes_for_pynetdicoms_meta(sop_uid, syntax, 
 
 def _header_as_the_intake_reads_it(part10: bytes) -> pydicom.Dataset:
     start, syntax = dataset_start(part10)
-    return decode_dataset(part10, syntax, 2**30, start=start, keep=_in_header)
+    return decode_dataset(part10, syntax, 2**30, start=start, keep=HEADER_TAGS)
 
 
 def _same_facts(part10: bytes) -> None:
