@@ -95,7 +95,8 @@ def scanners_peak(folder: Path, scanners: int, receive_to_disk: bool, storescu: 
         files = len(list(copies[0][0].iterdir()))
         port = _free_port()
         config = work / "config.toml"
-        config.write_text(f'[dicom]\nhost = "127.0.0.1"\nport = {port}\nreceive_to_disk = {str(receive_to_disk).lower()}\n'
+        config.write_text(f'[dicom]\nhost = "127.0.0.1"\nport = {port}\n'
+                          f'receive_to_disk = {str(receive_to_disk).lower()}\n'
                           f'[storage]\nstate_dir = "{work / "state"}"\nmin_free_mb = 1\n[logging]\nformat = "json"\n')
         log_path = work / "daemon.log"
         process = subprocess.Popen([sys.executable, "-m", "qc_daemon", "--config", str(config), "serve"],
