@@ -1,8 +1,10 @@
 """``qc-daemon``: run the node, ask it about history, score a file offline, echo a node, check a config.
 
 Exit codes (deploy/README.md lists them too): 0 success; 1 the command failed (message on stderr); 2 bad usage
-or a configuration error; 3 ``serve`` cannot open its DICOM port (in use, or not permitted); 141 the reader of
-our output went away (``qc-daemon history | head -2``), as for a tool ended by SIGPIPE.
+or a configuration error; 3 ``serve`` cannot open its DICOM port (in use, or not permitted); 4 the database
+cannot be opened (server unreachable, credentials refused, driver missing; the message names the URL without its
+password); 141 the reader of our output went away (``qc-daemon history | head -2``), as for a tool ended by
+SIGPIPE.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2  # also argparse's status for bad usage
 EXIT_CANNOT_LISTEN = 3
+EXIT_NO_DATABASE = 4
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 CONFIG_ENV = "QC_DAEMON_CONFIG"  # the config file to read when --config is not given
@@ -35,6 +38,10 @@ class CliError(Exception):
 
 
 class CannotListen(Exception):
+    pass
+
+
+class NoDatabase(Exception):
     pass
 
 
@@ -66,6 +73,9 @@ def _run(argv: list[str] | None) -> int:
     except CannotListen as exc:
         print(f"qc-daemon: {exc}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN
+    except NoDatabase as exc:
+        print(f"qc-daemon: {exc}", file=sys.stderr)
+        return EXIT_NO_DATABASE
     except CliError as exc:
         print(f"qc-daemon: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -161,6 +171,7 @@ def cmd_serve(args, settings: Settings) -> int:
     from qc_daemon.logs import configure_logging, get_logger
     from qc_daemon.scorer import ModelError
     from qc_daemon.service import Daemon
+    from qc_daemon.store import SchemaError, StoreUnavailable
 
     configure_logging(settings.logging)
     log = get_logger("qc_daemon.cli")
@@ -168,6 +179,12 @@ def cmd_serve(args, settings: Settings) -> int:
         daemon = Daemon(settings)
     except ModelError as exc:
         log.error("model_refused", error=str(exc))
+        raise CliError(str(exc)) from exc
+    except StoreUnavailable as exc:
+        log.error("database_unavailable", error=str(exc))
+        raise NoDatabase(str(exc)) from exc
+    except SchemaError as exc:
+        log.error("database_refused", error=str(exc))
         raise CliError(str(exc)) from exc
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -195,11 +212,16 @@ def cmd_serve(args, settings: Settings) -> int:
 
 
 def _open_store(settings: Settings):
-    from qc_daemon.store import Store
+    from qc_daemon.store import SchemaError, Store, StoreUnavailable
 
     if not settings.storage.database_url and not (settings.storage.state_dir / "qc.sqlite3").exists():
         raise CliError(f"no database yet under {settings.storage.state_dir} (has the daemon run?)")
-    return Store(settings.storage.database)
+    try:
+        return Store(settings.storage.database)
+    except StoreUnavailable as exc:
+        raise NoDatabase(str(exc)) from exc
+    except SchemaError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def cmd_history(args, settings: Settings) -> int:
@@ -224,7 +246,8 @@ def cmd_history(args, settings: Settings) -> int:
 
 
 def _print_table(rows) -> None:
-    header = f"{'completed (UTC)':19}  {'status':7}  {'score':>5}  {'n':>4}  {'station':12}  {'description':24}  series"
+    header = (f"{'completed (UTC)':19}  {'status':7}  {'score':>5}  {'n':>4}  {'station':12}  {'description':24}  "
+              f"{'node':20}  series")
     print(header)
     for row in rows:
         score = f"{row.score:.3f}" if row.score is not None else "-"
@@ -232,7 +255,7 @@ def _print_table(rows) -> None:
         print(
             f"{row.completed_at:%Y-%m-%d %H:%M:%S}  {row.status.value:7}  {score:>5}{flag} {row.instances:>4}  "
             f"{(row.station_name or '-')[:12]:12}  {(row.series_description or '-')[:24]:24}  "
-            f"{row.series_instance_uid}" + (f"  ({row.reason})" if row.reason else "")
+            f"{(row.node_name or '-')[:20]:20}  {row.series_instance_uid}" + (f"  ({row.reason})" if row.reason else "")
         )
 
 
@@ -395,6 +418,7 @@ def cmd_send(args, settings: Settings) -> int:
 
 def cmd_check_config(args, settings: Settings) -> int:
     from qc_daemon.scorer import ModelError, Scorer
+    from qc_daemon.store import url_without_password
 
     try:
         scorer = Scorer(settings.scoring)
@@ -402,8 +426,9 @@ def cmd_check_config(args, settings: Settings) -> int:
         raise CliError(f"model: {exc}") from exc
     summary = {
         "dicom": f"{settings.dicom.ae_title}@{settings.dicom.host}:{settings.dicom.port}",
+        "node_name": settings.node_name,
         "state_dir": str(settings.storage.state_dir),
-        "database": settings.storage.database,
+        "database": url_without_password(settings.storage.database),
         "spool": str(settings.storage.spool_path),
         "model": scorer.describe(),
         "alert_threshold": settings.alerts.threshold,

@@ -16,11 +16,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
-from qc_daemon.logs import get_logger
 from qc_daemon.status import DaemonStatus
 from qc_daemon.store import Latency, Store, latency_counts, result_totals
 
-log = get_logger(__name__)
 
 SCORING_BUCKETS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 END_TO_END_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -77,9 +75,10 @@ class _StoreAndStatusCollector(Collector):
                     Latency.END_TO_END: latency_counts(session, Latency.END_TO_END, END_TO_END_BUCKETS_S),
                 }
         except SQLAlchemyError as exc:
-            log.warning("metrics_store_unavailable", error=str(exc)[:200])
+            self.store.availability.failed(exc, "metrics")  # logged once per outage, not per scrape
             yield _gauge("qc_store_up", "1 when the results database answers", 0.0)
             return
+        self.store.availability.answered()
         yield _gauge("qc_store_up", "1 when the results database answers", 1.0)
         series = CounterMetricFamily("qc_series", "Series revisions recorded, by final status", labels=["status"])
         for name, count in totals.series_by_status.items():

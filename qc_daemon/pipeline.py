@@ -4,7 +4,8 @@
 failed, with its reason) -- unless the store itself fails, and then it raises. :class:`WorkQueue` runs it on
 worker threads from a bounded queue and hands a series whose processing raised back for a retry after a delay
 that doubles with each failure (capped), so a database outage delays results instead of losing them until the
-next restart.
+next restart; a series another node is recording (:class:`~qc_daemon.store.RevisionInProgress`) is looked at
+again after :data:`RECHECK_S`, without counting as a failure.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from qc_daemon.alerts import alert_payload, backoff_s
 from qc_daemon.findings import compute_findings, results_folder
 from qc_daemon.logs import get_logger
@@ -26,20 +29,23 @@ from qc_daemon.series import SeriesFailed, SeriesSkipped, classify, read_series,
 from qc_daemon.spool import Spool
 from qc_daemon.store import (
     AlertChannel,
+    RevisionInProgress,
     SeriesResult,
     SeriesStatus,
     Store,
     awaits_result,
+    begin_revision,
     enqueue_alert,
+    error_line,
     latest_revision,
-    open_revision,
     utcnow,
 )
 from qc_daemon.volume import Volume, build_volume
 
 log = get_logger(__name__)
 RETRY_INITIAL_S = 1.0  # first delay before a series whose processing raised is tried again
-RETRY_MAX_S = 60.0  # the delay doubles per failure up to this
+RETRY_MAX_S = 15.0  # the delay doubles per failure up to this: a result is stored soon after an outage ends
+RECHECK_S = 5.0  # a series another node is scoring is looked at again after this
 
 
 class SeriesProcessor:
@@ -56,6 +62,7 @@ class SeriesProcessor:
         archive_dir: Path | None,
         results_dir: Path | None = None,
         on_alert: Callable[[], None] = lambda: None,
+        node_name: str | None = None,
     ):
         self.spool = spool
         self.store = store
@@ -67,11 +74,14 @@ class SeriesProcessor:
         self.archive_dir = archive_dir
         self.results_dir = results_dir
         self.on_alert = on_alert
+        self.node_name = node_name
 
     def process(self, series_uid: str) -> SeriesResult | None:
-        """Record one revision of the series; None when the spool holds nothing new since the last one.
+        """Record one revision of the series; None when the spool holds nothing new since the last one (or
+        another node sharing the database recorded these instances).
 
-        Raises what the store raises (the database is locked or gone): nothing is recorded then.
+        Raises what the store raises (the database is locked or gone): nothing is recorded then; and
+        :class:`~qc_daemon.store.RevisionInProgress` while another node is scoring the same instances.
         """
         started_at = utcnow()
         started = time.perf_counter()
@@ -82,17 +92,20 @@ class SeriesProcessor:
         with self.store.session() as session:
             if not awaits_result(session, series_uid, len(paths)):
                 latest = latest_revision(session, series_uid)
-                log.info("series_unchanged", series_instance_uid=series_uid, revision=latest.revision)
+                log.info("series_unchanged", series_instance_uid=series_uid, revision=latest.revision,
+                         recorded_by=latest.node_name)
                 return None
             with timings.phase("read_s"):
                 series = read_series(series_uid, paths)
             arrivals = [p.stat().st_mtime for p in paths]
             facts = series_facts(series, len(paths), _utc(min(arrivals)))
             with timings.phase("store_s"):
-                row = open_revision(session, facts)
-                row.last_instance_at = _utc(max(arrivals))
-                row.processing_started_at = started_at
-                session.commit()
+                row = begin_revision(session, facts, self.node_name, _utc(max(arrivals)), started_at)
+            if row is None:  # a second node's copy of a series routed to both
+                latest = latest_revision(session, series_uid)
+                log.info("series_duplicate", series_instance_uid=series_uid, revision=latest.revision,
+                         recorded_by=latest.node_name, instances=len(paths))
+                return None
             bound = log.bind(series_instance_uid=series_uid, revision=row.revision)
             bound.info("series_processing", instances=len(paths))
             scored = None
@@ -220,7 +233,8 @@ class WorkQueue:
     """Bounded queue of series UIDs served by worker threads; a UID is queued at most once at a time.
 
     When processing a series raises (the store failed: nothing was recorded), ``retry_later(uid, delay_s)``
-    gets it back to offer again after ``delay_s``: 1 s, 2 s, 4 s ... up to a minute, for as long as it fails.
+    gets it back to offer again after ``delay_s``: 1 s, 2 s, 4 s ... up to :data:`RETRY_MAX_S`, for as long as
+    it fails.
     """
 
     def __init__(
@@ -271,10 +285,19 @@ class WorkQueue:
                 self._running.add(uid)
             try:
                 self._process(uid)
-            except Exception:  # noqa: BLE001 - series failures are recorded rows; this is the store (or spool) failing
+            except RevisionInProgress as exc:
+                log.info("series_recording_elsewhere", series_instance_uid=uid, revision=exc.revision,
+                         node_name=exc.node_name, recheck_in_s=RECHECK_S)
+                self._retry_later(uid, RECHECK_S)
+            except Exception as exc:  # noqa: BLE001 - series failures are recorded rows: this is the store (or spool)
                 failures = self._failures[uid] = self._failures.get(uid, 0) + 1
                 delay_s = backoff_s(failures, RETRY_INITIAL_S, RETRY_MAX_S)
-                log.exception("series_retry_scheduled", series_instance_uid=uid, failures=failures, retry_in_s=delay_s)
+                if isinstance(exc, SQLAlchemyError):  # the database is locked or away: a traceback adds nothing
+                    log.warning("series_retry_scheduled", series_instance_uid=uid, failures=failures,
+                                retry_in_s=delay_s, error=error_line(exc))
+                else:
+                    log.exception("series_retry_scheduled", series_instance_uid=uid, failures=failures,
+                                  retry_in_s=delay_s)
                 self._retry_later(uid, delay_s)
             else:
                 self._failures.pop(uid, None)

@@ -5,6 +5,10 @@ Start-up order: store (migrated) -> scorer (model checked; refuse to start on a 
 alerts -> listener and drop folder. Stop (SIGTERM): stop accepting (listener, drop folder), let the series in
 progress finish, leave queued ones in the spool for the next start, stop alerts. The constructor only builds
 the parts; every thread is started by :meth:`Daemon.start`.
+
+The store must answer at start-up (:class:`~qc_daemon.store.StoreUnavailable` otherwise). Later outages cost no
+instance: the listener keeps spooling, a series the store failed is retried (qc_daemon.pipeline), and the parts
+that poll the store report to its :class:`~qc_daemon.store.Availability`, which logs each outage once.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import socket
 import threading
 import time
 from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from qc_daemon.alerts import AlertDispatcher, enabled_channels
 from qc_daemon.assembler import Assembler
@@ -32,6 +38,8 @@ from qc_daemon.store import BUSY_TIMEOUT_S, Store, awaits_result
 
 log = get_logger(__name__)
 RETENTION_EVERY_S = 3600.0
+RETENTION_RETRY_S = 60.0  # retention postponed by a database outage runs again this soon
+STORE_THREADS = 3  # besides the workers, threads that use the store: the ticker, the alert dispatcher, the web view
 
 
 class Daemon:
@@ -40,7 +48,9 @@ class Daemon:
         self.tick_s = tick_s
         storage = settings.storage
         storage.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(storage.database, busy_timeout_s=store_busy_timeout_s)
+        self.node_name = settings.node_name
+        self.store = Store(storage.database, busy_timeout_s=store_busy_timeout_s,
+                           pool_size=settings.assembly.workers + STORE_THREADS)
         self.scorer = Scorer(settings.scoring)
         self.spool = Spool(storage.spool_path)
         self.spool.clean_incoming()
@@ -56,6 +66,7 @@ class Daemon:
             archive_dir=storage.archive_path if storage.keep_nifti else None,
             results_dir=storage.results_path,
             on_alert=self.alerts.wake,
+            node_name=self.node_name,
         )
         self.activity = Activity()
         self.metrics = DaemonMetrics(self.store, self.status)
@@ -119,9 +130,14 @@ class Daemon:
     def _process(self, series_uid: str):
         self.activity.started(series_uid)
         try:
-            return self.processor.process(series_uid)
+            row = self.processor.process(series_uid)
+        except SQLAlchemyError as exc:
+            self.store.availability.failed(exc, "pipeline")
+            raise  # the work queue retries the series
         finally:
             self.activity.finished(series_uid)
+        self.store.availability.answered()
+        return row
 
     def recover(self) -> list[str]:
         """Track every spooled series whose instances are not all covered by a final result."""
@@ -156,7 +172,8 @@ class Daemon:
         if self.settings.http.enabled:
             self.web = self._start_web()
         _sd_notify("READY=1")
-        log.info("daemon_ready", state_dir=str(self.settings.storage.state_dir), port=self.port)
+        log.info("daemon_ready", state_dir=str(self.settings.storage.state_dir), port=self.port,
+                 node_name=self.node_name, database=self.store.shown_url)
 
     def _start_web(self):
         from qc_daemon.web import WebServer, WebView, create_app  # only a daemon serving the web view needs it
@@ -169,13 +186,17 @@ class Daemon:
         return web
 
     def _tick_loop(self) -> None:
-        last_retention = 0.0
+        next_retention = 0.0
         while not self._stop.wait(self.tick_s):
             try:
                 self.assembler.tick()
-                if self.settings.storage.retention_days and time.monotonic() - last_retention > RETENTION_EVERY_S:
-                    last_retention = time.monotonic()
-                    self.apply_retention()
+                if self.settings.storage.retention_days and time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + RETENTION_EVERY_S
+                    try:
+                        self.apply_retention()
+                    except SQLAlchemyError as exc:  # which series are unrecorded is not known: keep everything
+                        self.store.availability.failed(exc, "retention")
+                        next_retention = time.monotonic() + RETENTION_RETRY_S
             except Exception:  # noqa: BLE001 - the ticker must outlive any single failure
                 log.exception("assembler_tick_error")
             _sd_notify("WATCHDOG=1")

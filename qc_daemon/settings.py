@@ -12,11 +12,15 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+import socket
 import ssl
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from qc_daemon.config_base import InvalidValue, Section, read_toml, validate_toml
 
@@ -147,6 +151,9 @@ class StorageSettings(Section):
     spool_dir: str = ""
     archive_dir: str = ""
     database_url: str = ""
+    # This daemon's name in the results it records (several daemons may share one PostgreSQL database).
+    # Empty: "<host name>:<dicom.port>" (Settings.node_name).
+    node_name: str = Field("", max_length=128)
     # Keep each scored series' NIfTI volume under archive_dir (for later training).
     keep_nifti: bool = False
     # Refuse instances (out of resources) when free space in the state folder falls below this.
@@ -154,6 +161,28 @@ class StorageSettings(Section):
     # Remove spooled instances and archived volumes older than this many days; results are kept, and so are the
     # instances of a series not yet recorded (e.g. after a long outage). 0 = never.
     retention_days: float = Field(7.0, ge=0)
+
+    @model_validator(mode="after")
+    def _database_url_usable(self) -> StorageSettings:
+        """A typo in the URL or a driver not installed fails at start-up, naming the URL without its password."""
+        if not self.database_url:
+            return self
+        try:
+            url = make_url(self.database_url)
+        except ArgumentError:
+            raise InvalidValue("database_url", "(not shown: it may hold a password)",
+                               "expected a database URL, e.g. postgresql://qc@db.example.org/qc") from None
+        if url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")  # as qc_daemon.store opens it
+        shown = url.render_as_string(hide_password=True)
+        try:
+            url.get_dialect().import_dbapi()
+        except NoSuchModuleError:
+            raise InvalidValue("database_url", shown, "unknown database: expected sqlite:// or postgresql://") from None
+        except ImportError as exc:
+            hint = " (pip install 'qc-daemon[postgres]')" if url.get_backend_name() == "postgresql" else ""
+            raise InvalidValue("database_url", shown, f"its driver is not installed: {exc}{hint}") from None
+        return self
 
     @property
     def spool_path(self) -> Path:
@@ -278,6 +307,11 @@ class Settings(Section):
     alerts: AlertSettings = AlertSettings()
     http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @property
+    def node_name(self) -> str:
+        """``storage.node_name``, else this host's name and the configured DICOM port (``mr-room-3:11112``)."""
+        return self.storage.node_name or f"{socket.gethostname()}:{self.dicom.port}"
 
 
 def load_settings(path: Path | None = None) -> Settings:

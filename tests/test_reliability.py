@@ -268,7 +268,7 @@ def test_a_series_hit_by_a_locked_database_is_retried_without_a_restart(tmp_path
         while len(retries()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         first, second = retries()[:2]
-        assert first["series_instance_uid"] == uid and "database is locked" in first["exception"]
+        assert first["series_instance_uid"] == uid and "database is locked" in first["error"]
         assert (first["failures"], second["failures"]) == (1, 2)
         assert second["retry_in_s"] == 2 * first["retry_in_s"]
         assert _rows(daemon, uid) == []  # nothing recorded while locked
