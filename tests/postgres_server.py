@@ -71,6 +71,11 @@ class PostgresServer:
                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start")
 
+    def running(self) -> bool:
+        done = subprocess.run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "status"], capture_output=True,
+                              cwd=self.folder, timeout=60, check=False, **self._as)
+        return done.returncode == 0
+
     def stop(self) -> None:
         """A fast shutdown: open connections are ended, as in a restart or failover."""
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")

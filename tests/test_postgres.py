@@ -416,6 +416,8 @@ def test_a_database_restart_loses_nothing_and_is_logged_once(tmp_path, postgres,
         assert sorted(a["series_instance_uid"] for a in received) == sorted(uids)
     finally:
         daemon.stop()
+        if not postgres.running():  # the session's other tests need it
+            postgres.start()
     unavailable = _events(log_stream, "database_unavailable")
     assert len(unavailable) == 1 and len(_events(log_stream, "database_available")) == 1
     assert "qc:***@127.0.0.1" in unavailable[0]["url"] and PASSWORD not in log_stream.getvalue()
