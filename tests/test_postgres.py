@@ -299,7 +299,7 @@ def _node(tmp_path, name: str, database_url: str, webhook_url: str, **sections):
         tmp_path / name,
         storage={"database_url": database_url, "node_name": name},
         alerts={"threshold": 1.0, "webhook_url": webhook_url, "retry_initial_s": 0.2, "retry_max_s": 1.0},
-        assembly={"quiet_period_s": 0.3},
+        assembly={"quiet_period_s": 10.0},  # a fallback only: each series completes when its association ends
         **sections,
     )
     daemon = Daemon(settings, tick_s=0.05)
