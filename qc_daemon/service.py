@@ -2,8 +2,9 @@
 
 Start-up order: store (migrated) -> scorer (model checked; refuse to start on a bad model) -> spool recovery
 (every series in the spool that has no final result for all its instances is tracked again) -> workers ->
-alerts -> listener and drop folder. Stop (SIGTERM): stop accepting (listener, drop folder), let the series in
-progress finish, leave queued ones in the spool for the next start, stop alerts. The constructor only builds
+alerts and results to PACS (their outboxes are picked up where they were) -> listener and drop folder. Stop
+(SIGTERM): stop accepting (listener, drop folder), let the series in progress finish, leave queued ones in the
+spool for the next start, stop alerts and the results sender. The constructor only builds
 the parts; every thread is started by :meth:`Daemon.start`.
 """
 
@@ -23,6 +24,7 @@ from qc_daemon.intake import Intake
 from qc_daemon.listener import start_listener
 from qc_daemon.logs import get_logger
 from qc_daemon.metrics import DaemonMetrics
+from qc_daemon.pacs_sender import ResultSender, result_channels
 from qc_daemon.pipeline import SeriesProcessor, WorkQueue
 from qc_daemon.scorer import Scorer
 from qc_daemon.settings import Settings
@@ -45,6 +47,7 @@ class Daemon:
         self.spool = Spool(storage.spool_path)
         self.spool.clean_incoming()
         self.alerts = AlertDispatcher(self.store, settings.alerts)
+        self.results = ResultSender(self.store, settings.results, settings.dicom.ae_title)
         self.processor = SeriesProcessor(
             self.spool,
             self.store,
@@ -56,6 +59,9 @@ class Daemon:
             archive_dir=storage.archive_path if storage.keep_nifti else None,
             results_dir=storage.results_path,
             on_alert=self.alerts.wake,
+            result_channels=result_channels(settings.results),
+            device_name=self.results.calling_ae_title,
+            on_results=self.results.wake,
         )
         self.activity = Activity()
         self.metrics = DaemonMetrics(self.store, self.status)
@@ -145,6 +151,7 @@ class Daemon:
         self.work.start()
         self._ticker.start()
         self.alerts.start()
+        self.results.start()
         self.ae, self.server = start_listener(
             self.settings.dicom,
             self.intake,
@@ -218,6 +225,7 @@ class Daemon:
             self._ticker.join()
         self.work.stop()
         self.alerts.stop()
+        self.results.stop()
         self.store.close()
         log.info("daemon_stopped")
 
