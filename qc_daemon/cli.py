@@ -237,7 +237,7 @@ def _print_table(rows) -> None:
 
 
 def cmd_show(args, settings: Settings) -> int:
-    from qc_daemon.store import alerts_for, revisions
+    from qc_daemon.store import ALERT_CHANNELS, RESULT_CHANNELS, alerts_for, revisions
 
     store = _open_store(settings)
     with store.session() as session:
@@ -249,7 +249,13 @@ def cmd_show(args, settings: Settings) -> int:
             item = row.to_dict(with_patches=True)
             item["alerts"] = [
                 {"channel": a.channel.value, "state": a.state.value, "attempts": a.attempts, "last_error": a.last_error}
-                for a in alerts_for(session, row.id)
+                for a in alerts_for(session, row.id, ALERT_CHANNELS)
+            ]
+            item["pacs_results"] = [
+                {"channel": a.channel.value, "state": a.state.value, "attempts": a.attempts, "last_error": a.last_error,
+                 "sop_instance_uid": a.payload.get("sop_instance_uid"),
+                 "delivered_at": a.delivered_at and a.delivered_at.isoformat(timespec="seconds") + "Z"}
+                for a in alerts_for(session, row.id, RESULT_CHANNELS)
             ]
             out.append(item)
     store.close()
@@ -271,9 +277,23 @@ def cmd_show(args, settings: Settings) -> int:
                     for line in _iqm_lines(value, item.get("iqm_errors") or {}):
                         print(f"  {line}")
                     continue
+                elif key == "pacs_results" and value:
+                    print(key)
+                    for line in _delivery_lines(value):
+                        print(f"  {line}")
+                    continue
                 print(f"{key:20} {value}")
             print()
     return EXIT_OK
+
+
+def _delivery_lines(deliveries: list[dict]) -> list[str]:
+    """One line per result sent to PACS: channel, state, attempts, SOP instance UID, and the last error."""
+    return [
+        f"{d['channel']:13} {d['state']:9} {_count(d['attempts'], 'attempt', 'attempts'):11} "
+        f"{d['sop_instance_uid'] or '-'}" + (f"  ({d['last_error']})" if d["last_error"] else "")
+        for d in deliveries
+    ]
 
 
 def _iqm_lines(iqms: dict, errors: dict) -> list[str]:
