@@ -428,6 +428,7 @@ def cmd_check_config(args, settings: Settings) -> int:
         "model": scorer.describe(),
         "alert_threshold": settings.alerts.threshold,
         "http": _describe_http(settings.http),
+        "results": _describe_results(settings),
     }
     print(json.dumps(summary, indent=2))
     return EXIT_OK
@@ -440,6 +441,15 @@ def _describe_http(http) -> str:
     logins = (("basic auth", bool(http.username)), ("bearer token", bool(http.token.get_secret_value())))
     access = ", ".join(name for name, on in logins if on) or "no login"
     return f"{scheme}://{http.host}:{http.port} ({access}; /health open)"
+
+
+def _describe_results(settings: Settings) -> str:
+    results = settings.results
+    if not results.enabled:
+        return "disabled"
+    sent = " and ".join(name for name, on in (("SR", results.send_report), ("montage SC", results.send_montage)) if on)
+    calling = results.calling_ae_title or settings.dicom.ae_title
+    return f"{sent} to {results.target} from {calling}" + (" over TLS" if results.tls else "")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -565,3 +566,27 @@ print(type(built[ResultKind.REPORT]).__name__)
     sr = dcmread(tmp_path / "out" / "report.dcm")
     assert (str(sr.PatientName), sr.PatientID) == ("SINGLENAME", "ID\x01CTRL")  # as the PACS knows them
     assert sr.PatientBirthDate == ""  # highdicom refuses an impossible date: left empty
+
+
+def test_the_conformance_statement_lists_what_the_daemon_sends():
+    from qc_daemon.pacs_sender import TRANSFER_SYNTAXES
+
+    text = (Path(__file__).resolve().parents[1] / "deploy" / "CONFORMANCE.md").read_text()
+    overview = text.split("## 2.", 1)[0]
+    for sop_class in (EnhancedSRStorage, SecondaryCaptureImageStorage):
+        assert re.search(rf"\| `{re.escape(sop_class)}` \| Yes \(`results\.send_", overview), sop_class.name
+    scu = text.split("## 8. Storage SCU", 1)[1].split("## Appendix A", 1)[0]
+    for uid in (*TRANSFER_SYNTAXES, EnhancedSRStorage, SecondaryCaptureImageStorage):
+        assert f"`{uid}`" in scu, uid.name
+    assert "own result (qc-daemon SR)" in scu
+
+
+def test_check_config_says_where_results_go(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[storage]\nstate_dir = "{tmp_path}"\n[results]\ndestination = "PACS@10.1.2.3:104"\n'
+                      'send_montage = false\ncalling_ae_title = "QC_RESULTS"\n')
+    assert main(["--config", str(config), "check-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"] == "SR to PACS@10.1.2.3:104 from QC_RESULTS"
+    config.write_text(f'[storage]\nstate_dir = "{tmp_path}"\n')
+    assert main(["--config", str(config), "check-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"] == "disabled"
