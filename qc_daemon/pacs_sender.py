@@ -62,6 +62,10 @@ class TransientDeliveryError(RuntimeError):
     """The destination did not take the instance this time; try again later."""
 
 
+class DestinationUnavailable(TransientDeliveryError):
+    """No association: the destination is down, unreachable, rejects us or fails the TLS handshake."""
+
+
 class PermanentDeliveryError(RuntimeError):
     """The instance can never be delivered as it is; the message says why."""
 
@@ -127,8 +131,8 @@ def send_instance(
     assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         if assoc.is_rejected:
-            raise TransientDeliveryError(f"association rejected by {target}")
-        raise TransientDeliveryError(f"no association with {target} (unreachable, aborted or TLS failed)")
+            raise DestinationUnavailable(f"association rejected by {target}")
+        raise DestinationUnavailable(f"no association with {target} (unreachable, aborted or TLS failed)")
     try:
         if not any(c.abstract_syntax == sop_class for c in assoc.accepted_contexts):
             raise PermanentDeliveryError(f"{target} does not accept {sop_class.name or sop_class}")
@@ -178,17 +182,24 @@ class ResultSender:
             self._wake.clear()
 
     def deliver_due(self, now: dt.datetime | None = None) -> int:
-        """Try every due result once (each claimed first, so no two senders store it at once); returns how many
-        were delivered."""
+        """Try every due result once, longest due first (each claimed first, so no two senders store it at
+        once); returns how many were delivered. The pass ends at the first result the destination could not
+        even be reached for: the others stay due for the next pass rather than each waiting out a timeout
+        against a host that is down (and, due longer, they go first then)."""
+        with self.store.session() as session:
+            due = sorted((row.next_attempt_at, row.id) for channel in self.channels
+                         for row in due_alerts(session, channel, now or utcnow()))
         delivered = 0
-        for channel in self.channels:
-            with self.store.session() as session:
-                due = [row.id for row in due_alerts(session, channel, now or utcnow())]
-            for row_id in due:
-                if self._stop.is_set():
-                    return delivered
-                if self._claim(row_id, now or utcnow()):
-                    delivered += self._attempt(row_id)
+        for _, row_id in due:
+            if self._stop.is_set():
+                break
+            if not self._claim(row_id, now or utcnow()):
+                continue  # another sender has it
+            outcome = self._attempt(row_id)
+            if outcome is AlertState.DELIVERED:
+                delivered += 1
+            elif outcome is None:
+                break
         return delivered
 
     def _claim(self, row_id: int, now: dt.datetime) -> bool:
@@ -196,7 +207,8 @@ class ResultSender:
         with self.store.session() as session:
             return claim_alert(session, row_id, now, lease_s)
 
-    def _attempt(self, row_id: int) -> int:
+    def _attempt(self, row_id: int) -> AlertState | None:
+        """One try; returns the row's state after it, None when the destination was not reachable."""
         with self.store.session() as session:
             row = session.get(Alert, row_id)
             channel, payload = row.channel, dict(row.payload)
@@ -211,15 +223,15 @@ class ResultSender:
         except PermanentDeliveryError as exc:
             self._record(row_id, AlertState.FAILED, str(exc))
             bound.warning("result_delivery_failed", destination=str(target), error=str(exc), final=True)
-            return 0
+            return AlertState.FAILED
         except TransientDeliveryError as exc:
             attempts, delay = self._record(row_id, AlertState.PENDING, str(exc))
             bound.warning("result_delivery_failed", destination=str(target), error=str(exc), attempts=attempts,
                           retry_in_s=delay)
-            return 0
+            return None if isinstance(exc, DestinationUnavailable) else AlertState.PENDING
         self._record(row_id, AlertState.DELIVERED, warning)
         bound.info("result_delivered", destination=str(target), warning=warning)
-        return 1
+        return AlertState.DELIVERED
 
     def _record(self, row_id: int, state: AlertState, error: str | None) -> tuple[int, float | None]:
         """Count the attempt and store its outcome (a pending row's next try after the backoff); returns the

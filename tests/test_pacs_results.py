@@ -39,7 +39,7 @@ from qc_daemon.pacs_report import (
     reference_dataset,
     scrub_patient_data,
 )
-from qc_daemon.pacs_sender import PermanentDeliveryError, TransientDeliveryError, classify_status
+from qc_daemon.pacs_sender import PermanentDeliveryError, ResultSender, TransientDeliveryError, classify_status
 from qc_daemon.series import SeriesSkipped, classify, read_series
 from qc_daemon.service import Daemon
 from qc_daemon.settings import SettingsError, settings_from_dict
@@ -49,8 +49,10 @@ from qc_daemon.store import (
     AlertChannel,
     AlertState,
     SeriesStatus,
+    Store,
     alerts_for,
     revisions,
+    utcnow,
 )
 
 SCORE_CODE = "QC-SCORE"
@@ -327,7 +329,11 @@ def _wait_for(condition, timeout_s: float = 60.0):
 
 
 def _outbox(daemon, uid: str, channels=RESULT_CHANNELS) -> dict[AlertChannel, object]:
-    with daemon.store.session() as session:
+    return _outbox_in(daemon.store, uid, channels)
+
+
+def _outbox_in(store, uid: str, channels=RESULT_CHANNELS) -> dict[AlertChannel, object]:
+    with store.session() as session:
         (row,) = revisions(session, uid)
         return {a.channel: a for a in alerts_for(session, row.id, channels)}
 
@@ -433,6 +439,17 @@ def test_pending_results_are_sent_after_a_restart_with_the_same_uids(tmp_path, s
         queued = {c: a.payload["sop_instance_uid"] for c, a in _outbox(first, uid).items()}
     finally:
         first.stop()
+
+    # One pass stops at a destination that cannot be reached: the other result is not tried against it too.
+    store = Store(settings.storage.database)
+    try:
+        before = {c: a.attempts for c, a in _outbox_in(store, uid).items()}
+        sender = ResultSender(store, settings.results, settings.dicom.ae_title)
+        assert sender.deliver_due(now=utcnow() + dt.timedelta(hours=1)) == 0
+        after = {c: a.attempts for c, a in _outbox_in(store, uid).items()}
+        assert sorted(after[c] - before[c] for c in after) == [0, 1]
+    finally:
+        store.close()
 
     pacs = scp(port=port)
     second = Daemon(settings, tick_s=0.05)
