@@ -260,7 +260,7 @@ def _print_table(rows) -> None:
 
 
 def cmd_show(args, settings: Settings) -> int:
-    from qc_daemon.store import alerts_for, revisions
+    from qc_daemon.store import ALERT_CHANNELS, RESULT_CHANNELS, alerts_for, revisions
 
     store = _open_store(settings)
     with store.session() as session:
@@ -272,7 +272,13 @@ def cmd_show(args, settings: Settings) -> int:
             item = row.to_dict(with_patches=True)
             item["alerts"] = [
                 {"channel": a.channel.value, "state": a.state.value, "attempts": a.attempts, "last_error": a.last_error}
-                for a in alerts_for(session, row.id)
+                for a in alerts_for(session, row.id, ALERT_CHANNELS)
+            ]
+            item["pacs_results"] = [
+                {"channel": a.channel.value, "state": a.state.value, "attempts": a.attempts, "last_error": a.last_error,
+                 "sop_instance_uid": a.payload.get("sop_instance_uid"),
+                 "delivered_at": a.delivered_at and a.delivered_at.isoformat(timespec="seconds") + "Z"}
+                for a in alerts_for(session, row.id, RESULT_CHANNELS)
             ]
             out.append(item)
     store.close()
@@ -294,9 +300,23 @@ def cmd_show(args, settings: Settings) -> int:
                     for line in _iqm_lines(value, item.get("iqm_errors") or {}):
                         print(f"  {line}")
                     continue
+                elif key == "pacs_results" and value:
+                    print(key)
+                    for line in _delivery_lines(value):
+                        print(f"  {line}")
+                    continue
                 print(f"{key:20} {value}")
             print()
     return EXIT_OK
+
+
+def _delivery_lines(deliveries: list[dict]) -> list[str]:
+    """One line per result sent to PACS: channel, state, attempts, SOP instance UID, and the last error."""
+    return [
+        f"{d['channel']:13} {d['state']:9} {_count(d['attempts'], 'attempt', 'attempts'):11} "
+        f"{d['sop_instance_uid'] or '-'}" + (f"  ({d['last_error']})" if d["last_error"] else "")
+        for d in deliveries
+    ]
 
 
 def _iqm_lines(iqms: dict, errors: dict) -> list[str]:
@@ -433,6 +453,7 @@ def cmd_check_config(args, settings: Settings) -> int:
         "model": scorer.describe(),
         "alert_threshold": settings.alerts.threshold,
         "http": _describe_http(settings.http),
+        "results": _describe_results(settings),
     }
     print(json.dumps(summary, indent=2))
     return EXIT_OK
@@ -445,6 +466,15 @@ def _describe_http(http) -> str:
     logins = (("basic auth", bool(http.username)), ("bearer token", bool(http.token.get_secret_value())))
     access = ", ".join(name for name, on in logins if on) or "no login"
     return f"{scheme}://{http.host}:{http.port} ({access}; /health open)"
+
+
+def _describe_results(settings: Settings) -> str:
+    results = settings.results
+    if not results.enabled:
+        return "disabled"
+    sent = " and ".join(name for name, on in (("SR", results.send_report), ("montage SC", results.send_montage)) if on)
+    calling = results.calling_ae_title or settings.dicom.ae_title
+    return f"{sent} to {results.target} from {calling}" + (" over TLS" if results.tls else "")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ def configure_logging(settings: LoggingSettings, stream=None) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("dicom2nifti").setLevel(logging.WARNING)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
+    # highdicom warns with the offending value when it copies a patient module (a name, a birth date): errors
+    # reach us as exceptions, recorded without patient data (qc_daemon.pacs_report.scrub_patient_data).
+    logging.getLogger("highdicom").setLevel(logging.CRITICAL)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -1,8 +1,9 @@
 """Prometheus metrics (``qc_`` names) in a registry of the daemon's own, never the process-global one.
 
 Counted where the decision is taken: instances received or refused by :class:`~qc_daemon.intake.Intake`. Read
-at scrape time: series by final status, alerts raised and pending, scoring and end-to-end latency histograms
-(aggregates over the store, so they survive a restart and never miss a row), and the daemon's
+at scrape time: series by final status, alerts raised and pending, results to PACS pending and failed (never
+counted as alerts), scoring and end-to-end latency histograms (aggregates over the store, so they survive a
+restart and never miss a row), and the daemon's
 :class:`~qc_daemon.status.DaemonStatus` (queue depth, series receiving, free disk, listener up, model loaded).
 No UID is ever a label.
 """
@@ -86,7 +87,11 @@ class _StoreAndStatusCollector(Collector):
         yield series
         yield CounterMetricFamily("qc_alerts_raised", "Scored revisions below the alert threshold",
                                   value=totals.alerts_raised)
-        yield _gauge("qc_alerts_pending", "Alert deliveries waiting in the outbox", totals.alerts_pending)
+        yield _gauge("qc_alerts_pending", "Alert deliveries (webhook, exec) waiting in the outbox",
+                     totals.alerts_pending)
+        yield _gauge("qc_results_pending", "Results to PACS (SR, montage SC) waiting in the outbox",
+                     totals.results_pending)
+        yield _gauge("qc_results_failed", "Results to PACS the destination refused for good", totals.results_failed)
         helps = {
             Latency.SCORING: "Seconds to preprocess and score a volume",
             Latency.END_TO_END: "Seconds from the newest instance in the spool to the stored outcome",

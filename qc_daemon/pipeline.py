@@ -1,4 +1,5 @@
-"""The work behind a complete series: snapshot the spool, classify, build the volume, score, record, alert.
+"""The work behind a complete series: snapshot the spool, classify, build the volume, score, record, alert;
+then the findings (IQMs, quality map, montage) and the results for PACS (SR, montage SC, queued for sending).
 
 :class:`SeriesProcessor` does one series and never raises: every outcome is a stored row (scored, skipped or
 failed, with its reason) -- unless the store itself fails, and then it raises. :class:`WorkQueue` runs it on
@@ -24,8 +25,10 @@ from qc_daemon.alerts import alert_payload, backoff_s
 from qc_daemon.findings import compute_findings, results_folder
 from qc_daemon.logs import get_logger
 from qc_daemon.montage import MontageCaption
+from qc_daemon.pacs_report import ModelIdentity, ResultFacts, build_results
+from qc_daemon.pacs_sender import KINDS, enqueue_results
 from qc_daemon.scorer import Score, Scorer
-from qc_daemon.series import SeriesFailed, SeriesSkipped, classify, read_series, series_facts
+from qc_daemon.series import SeriesFailed, SeriesSkipped, SpooledSeries, classify, read_series, series_facts
 from qc_daemon.spool import Spool
 from qc_daemon.store import (
     AlertChannel,
@@ -63,6 +66,9 @@ class SeriesProcessor:
         results_dir: Path | None = None,
         on_alert: Callable[[], None] = lambda: None,
         node_name: str | None = None,
+        result_channels: tuple[AlertChannel, ...] = (),
+        device_name: str = "QC_DAEMON",
+        on_results: Callable[[], None] = lambda: None,
     ):
         self.spool = spool
         self.store = store
@@ -75,6 +81,9 @@ class SeriesProcessor:
         self.results_dir = results_dir
         self.on_alert = on_alert
         self.node_name = node_name
+        self.result_channels = result_channels  # results to PACS: outbox channels (none: off)
+        self.device_name = device_name  # names the daemon as the observer in the SR
+        self.on_results = on_results
 
     def process(self, series_uid: str) -> SeriesResult | None:
         """Record one revision of the series; None when the spool holds nothing new since the last one (or
@@ -136,7 +145,7 @@ class SeriesProcessor:
                 self._add_findings(session, row, *scored, bound)
             return row
 
-    def _score_into(self, row: SeriesResult, series, timings: _Timings) -> tuple[Volume, Score]:
+    def _score_into(self, row: SeriesResult, series, timings: _Timings) -> tuple[Volume, Score, SpooledSeries]:
         with timings.phase("volume_s"):
             series = classify(series, self.min_slices, self.phantom_keywords)
             keep_as = None
@@ -155,10 +164,12 @@ class SeriesProcessor:
         row.scoring_time_s = result.seconds
         row.model_sha256 = self.scorer.model_sha256
         row.nifti_path = str(keep_as) if keep_as is not None else None
-        return volume, result
+        return volume, result, series
 
-    def _add_findings(self, session, row: SeriesResult, volume: Volume, score: Score, bound) -> None:
-        """IQMs, quality map and montage, stored in a second commit: the score and alert are already out."""
+    def _add_findings(self, session, row: SeriesResult, volume: Volume, score: Score, series: SpooledSeries,
+                      bound) -> None:
+        """IQMs, quality map and montage, stored in a second commit with the results for PACS (queued in the
+        outbox): the score and alert are already out."""
         caption = MontageCaption(
             series_instance_uid=row.series_instance_uid,
             study_instance_uid=row.study_instance_uid,
@@ -182,11 +193,44 @@ class SeriesProcessor:
             row.montage_path = str(findings.montage_path) if findings.montage_path else None
             bound.info("series_findings", iqms_missing=sorted(findings.iqm_errors),
                        **{k: round(v, 3) for k, v in findings.seconds.items()})
+        queued = self._queue_results(session, row, series, folder, bound)
         try:
             session.commit()
         except Exception:  # noqa: BLE001 - the score is committed; losing its findings must not retry the series
             session.rollback()
             bound.exception("findings_not_stored")
+            return
+        if queued:
+            self.on_results()
+
+    def _queue_results(self, session, row: SeriesResult, series: SpooledSeries, folder: Path, bound) -> bool:
+        """Build the SR and the montage SC for PACS into ``folder`` and add their outbox rows to the session."""
+        if not self.result_channels:
+            return False
+        started = time.perf_counter()
+        info = self.scorer.info
+        facts = ResultFacts(
+            series_instance_uid=row.series_instance_uid,
+            revision=row.revision,
+            scored_at=row.scored_at,
+            series_description=row.series_description,
+            score=row.score,
+            threshold=self.threshold,
+            iqms=row.iqms or {},
+            model=ModelIdentity(info.architecture, info.sha256, info.label),
+            device_name=self.device_name,
+        )
+        montage = Path(row.montage_path) if row.montage_path else None
+        try:
+            built = build_results([KINDS[c] for c in self.result_channels], series.datasets, facts, montage, folder)
+        except Exception as exc:  # noqa: BLE001 - e.g. the disk is full: the findings are still stored
+            bound.error("results_not_built", error=type(exc).__name__)
+            return False
+        enqueue_results(session, row, built)
+        bound.info("results_queued", seconds=round(time.perf_counter() - started, 3),
+                   **{kind.value: getattr(result, "sop_instance_uid", f"failed: {result}")
+                      for kind, result in built.items()})
+        return True
 
     def _log_outcome(self, bound, row: SeriesResult, timings: _Timings) -> None:
         if row.status is SeriesStatus.SCORED:

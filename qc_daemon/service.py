@@ -2,8 +2,9 @@
 
 Start-up order: store (migrated) -> scorer (model checked; refuse to start on a bad model) -> spool recovery
 (every series in the spool that has no final result for all its instances is tracked again) -> workers ->
-alerts -> listener and drop folder. Stop (SIGTERM): stop accepting (listener, drop folder), let the series in
-progress finish, leave queued ones in the spool for the next start, stop alerts. The constructor only builds
+alerts and results to PACS (their outboxes are picked up where they were) -> listener and drop folder. Stop
+(SIGTERM): stop accepting (listener, drop folder), let the series in progress finish, leave queued ones in the
+spool for the next start, stop alerts and the results sender. The constructor only builds
 the parts; every thread is started by :meth:`Daemon.start`.
 
 The store must answer at start-up (:class:`~qc_daemon.store.StoreUnavailable` otherwise). Later outages cost no
@@ -29,6 +30,7 @@ from qc_daemon.intake import Intake
 from qc_daemon.listener import start_listener
 from qc_daemon.logs import get_logger
 from qc_daemon.metrics import DaemonMetrics
+from qc_daemon.pacs_sender import ResultSender, result_channels
 from qc_daemon.pipeline import SeriesProcessor, WorkQueue
 from qc_daemon.scorer import Scorer
 from qc_daemon.settings import Settings
@@ -39,7 +41,8 @@ from qc_daemon.store import BUSY_TIMEOUT_S, Store, awaits_result
 log = get_logger(__name__)
 RETENTION_EVERY_S = 3600.0
 RETENTION_RETRY_S = 60.0  # retention postponed by a database outage runs again this soon
-STORE_THREADS = 3  # besides the workers, threads that use the store: the ticker, the alert dispatcher, the web view
+STORE_THREADS = 4  # besides the workers, threads that use the store: the ticker, the alert dispatcher, the
+# results sender, the web view
 
 
 class Daemon:
@@ -55,6 +58,7 @@ class Daemon:
         self.spool = Spool(storage.spool_path)
         self.spool.clean_incoming()
         self.alerts = AlertDispatcher(self.store, settings.alerts)
+        self.results = ResultSender(self.store, settings.results, settings.dicom.ae_title, node_name=self.node_name)
         self.processor = SeriesProcessor(
             self.spool,
             self.store,
@@ -67,6 +71,9 @@ class Daemon:
             results_dir=storage.results_path,
             on_alert=self.alerts.wake,
             node_name=self.node_name,
+            result_channels=result_channels(settings.results),
+            device_name=self.results.calling_ae_title,
+            on_results=self.results.wake,
         )
         self.activity = Activity()
         self.metrics = DaemonMetrics(self.store, self.status)
@@ -161,6 +168,7 @@ class Daemon:
         self.work.start()
         self._ticker.start()
         self.alerts.start()
+        self.results.start()
         self.ae, self.server = start_listener(
             self.settings.dicom,
             self.intake,
@@ -239,6 +247,7 @@ class Daemon:
             self._ticker.join()
         self.work.stop()
         self.alerts.stop()
+        self.results.stop()
         self.store.close()
         log.info("daemon_stopped")
 

@@ -73,13 +73,22 @@ FINAL_STATUSES = (SeriesStatus.SCORED, SeriesStatus.SKIPPED, SeriesStatus.FAILED
 
 
 class AlertChannel(enum.StrEnum):
+    """An outbox channel: the alert deliveries, and the results sent to PACS (qc_daemon.pacs_sender)."""
+
     WEBHOOK = "webhook"
     EXEC = "exec"
+    PACS_REPORT = "pacs_report"  # the Enhanced SR of a scored revision
+    PACS_MONTAGE = "pacs_montage"  # the Secondary Capture of its montage
+
+
+ALERT_CHANNELS = (AlertChannel.WEBHOOK, AlertChannel.EXEC)
+RESULT_CHANNELS = (AlertChannel.PACS_REPORT, AlertChannel.PACS_MONTAGE)
 
 
 class AlertState(enum.StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
+    FAILED = "failed"  # will never be delivered (the peer refused it for good): last_error says why
 
 
 def utcnow() -> dt.datetime:
@@ -616,13 +625,15 @@ def enqueue_alert(session: Session, result: SeriesResult, channel: AlertChannel,
     return alert
 
 
-def due_alerts(session: Session, channel: AlertChannel, now: dt.datetime, limit: int = 50) -> Sequence[Alert]:
-    return session.scalars(
-        select(Alert)
-        .where(Alert.channel == channel, Alert.state == AlertState.PENDING, Alert.next_attempt_at <= now)
-        .order_by(Alert.id)
-        .limit(limit)
-    ).all()
+def due_alerts(
+    session: Session, channel: AlertChannel, now: dt.datetime, limit: int = 50, node_name: str | None = None
+) -> Sequence[Alert]:
+    """Pending outbox rows of ``channel`` whose next attempt is due; with ``node_name``, only those of results
+    that node recorded (a result sent to PACS is a file on the recording node's disk)."""
+    query = select(Alert).where(Alert.channel == channel, Alert.state == AlertState.PENDING, Alert.next_attempt_at <= now)
+    if node_name is not None:
+        query = query.join(SeriesResult, Alert.result_id == SeriesResult.id).where(SeriesResult.node_name == node_name)
+    return session.scalars(query.order_by(Alert.id).limit(limit)).all()
 
 
 def claim_alert(session: Session, alert_id: int, now: dt.datetime, lease_s: float) -> bool:
@@ -644,8 +655,14 @@ def claim_alert(session: Session, alert_id: int, now: dt.datetime, lease_s: floa
     return claimed == 1
 
 
-def alerts_for(session: Session, result_id: int) -> Sequence[Alert]:
-    return session.scalars(select(Alert).where(Alert.result_id == result_id).order_by(Alert.id)).all()
+def alerts_for(
+    session: Session, result_id: int, channels: Sequence[AlertChannel] | None = None
+) -> Sequence[Alert]:
+    """The outbox rows of one revision (only those of ``channels`` when given), oldest first."""
+    query = select(Alert).where(Alert.result_id == result_id)
+    if channels is not None:
+        query = query.where(Alert.channel.in_(channels))
+    return session.scalars(query.order_by(Alert.id)).all()
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -683,7 +700,9 @@ class ResultTotals:
 
     series_by_status: dict[str, int]  # final revisions by status
     alerts_raised: int  # scored revisions below the threshold
-    alerts_pending: int  # outbox rows not yet delivered
+    alerts_pending: int  # alert deliveries (webhook, exec) not yet delivered
+    results_pending: int  # results to PACS (SR, SC) not yet delivered
+    results_failed: int  # results to PACS that never will be
 
 
 def result_totals(session: Session) -> ResultTotals:
@@ -695,11 +714,21 @@ def result_totals(session: Session) -> ResultTotals:
         ).all()
     )
     raised = session.scalar(select(func.count()).where(SeriesResult.below_threshold.is_(True))) or 0
-    pending = session.scalar(select(func.count()).select_from(Alert).where(Alert.state == AlertState.PENDING)) or 0
+    counts = session.execute(
+        select(Alert.channel, Alert.state, func.count())
+        .where(Alert.state.in_((AlertState.PENDING, AlertState.FAILED)))
+        .group_by(Alert.channel, Alert.state)
+    ).all()
+
+    def outbox(channels: tuple[AlertChannel, ...], state: AlertState) -> int:
+        return sum(int(n) for channel, row_state, n in counts if channel in channels and row_state is state)
+
     return ResultTotals(
         series_by_status={status.value: int(by_status.get(status, 0)) for status in FINAL_STATUSES},
         alerts_raised=int(raised),
-        alerts_pending=int(pending),
+        alerts_pending=outbox(ALERT_CHANNELS, AlertState.PENDING),
+        results_pending=outbox(RESULT_CHANNELS, AlertState.PENDING),
+        results_failed=outbox(RESULT_CHANNELS, AlertState.FAILED),
     )
 
 

@@ -29,6 +29,8 @@ from qc_daemon.metrics import DaemonMetrics
 from qc_daemon.settings import HttpSettings
 from qc_daemon.status import DaemonStatus
 from qc_daemon.store import (
+    ALERT_CHANNELS,
+    RESULT_CHANNELS,
     SeriesStatus,
     Store,
     alerts_for,
@@ -97,7 +99,8 @@ def create_app(view: WebView, settings: HttpSettings) -> Starlette:
             shown = [{**row_view(row), **_finding_urls(view.results_dir, row),
                       "patches": _patch_summary(row.patch_scores),
                       "iqm_rows": _iqm_rows(row.iqms, row.iqm_errors),
-                      "alerts": [_alert_view(a) for a in alerts_for(session, row.id)]} for row in rows]
+                      "alerts": [_alert_view(a) for a in alerts_for(session, row.id, ALERT_CHANNELS)],
+                      "pacs": [_alert_view(a) for a in alerts_for(session, row.id, RESULT_CHANNELS)]} for row in rows]
         return templates.TemplateResponse(request, "series.html", {
             "uid": uid, "revisions": shown, "threshold": view.status().threshold})
 
@@ -216,8 +219,10 @@ def _status_view(status: DaemonStatus) -> dict:
 
 
 def _alert_view(alert) -> dict:
+    """One outbox row: an alert delivery, or a result sent to PACS (with the SOP Instance UID it carries)."""
     return {"channel": alert.channel.value, "state": alert.state.value, "attempts": alert.attempts,
-            "last_error": alert.last_error, "created_at": alert.created_at, "delivered_at": alert.delivered_at}
+            "last_error": alert.last_error, "created_at": alert.created_at, "delivered_at": alert.delivered_at,
+            "sop_instance_uid": (alert.payload or {}).get("sop_instance_uid")}
 
 
 def _finding_urls(results_dir: Path, row) -> dict:
