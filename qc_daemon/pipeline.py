@@ -48,6 +48,7 @@ from qc_daemon.volume import Volume, build_volume
 log = get_logger(__name__)
 RETRY_INITIAL_S = 1.0  # first delay before a series whose processing raised is tried again
 RETRY_MAX_S = 15.0  # the delay doubles per failure up to this: a result is stored soon after an outage ends
+FINDINGS_COMMIT_ATTEMPTS = 4  # the findings commit through a database outage of up to ~7 s (1 + 2 + 4 s)
 RECHECK_S = 5.0  # a series another node is scoring is looked at again after this
 
 
@@ -169,7 +170,8 @@ class SeriesProcessor:
     def _add_findings(self, session, row: SeriesResult, volume: Volume, score: Score, series: SpooledSeries,
                       bound) -> None:
         """IQMs, quality map and montage, stored in a second commit with the results for PACS (queued in the
-        outbox): the score and alert are already out."""
+        outbox): the score and alert are already out. The commit is tried again through a short database outage
+        (:data:`FINDINGS_COMMIT_ATTEMPTS`); after that the findings are lost, never the score."""
         caption = MontageCaption(
             series_instance_uid=row.series_instance_uid,
             study_instance_uid=row.study_instance_uid,
@@ -182,31 +184,45 @@ class SeriesProcessor:
             model_sha256=row.model_sha256,
         )
         folder = results_folder(self.results_dir, row.series_instance_uid, row.revision)
+        values: dict = {}
         try:
             findings = compute_findings(volume, score, caption, folder)
         except Exception as exc:  # noqa: BLE001 - the score is stored; a findings failure only loses findings
             bound.exception("findings_failed")
-            row.iqm_errors = {"all": f"internal error: {type(exc).__name__}: {exc}"[:500]}
+            values["iqm_errors"] = {"all": f"internal error: {type(exc).__name__}: {exc}"[:500]}
         else:
-            row.iqms, row.iqm_errors = findings.iqms, findings.iqm_errors
-            row.quality_map_path = str(findings.quality_map_path) if findings.quality_map_path else None
-            row.montage_path = str(findings.montage_path) if findings.montage_path else None
+            values = {
+                "iqms": findings.iqms,
+                "iqm_errors": findings.iqm_errors,
+                "quality_map_path": str(findings.quality_map_path) if findings.quality_map_path else None,
+                "montage_path": str(findings.montage_path) if findings.montage_path else None,
+            }
             bound.info("series_findings", iqms_missing=sorted(findings.iqm_errors),
                        **{k: round(v, 3) for k, v in findings.seconds.items()})
-        queued = self._queue_results(session, row, series, folder, bound)
-        try:
-            session.commit()
-        except Exception:  # noqa: BLE001 - the score is committed; losing its findings must not retry the series
-            session.rollback()
-            bound.exception("findings_not_stored")
-            return
-        if queued:
+        built = self._build_results(row, values, series, folder, bound)
+        for attempt in range(1, FINDINGS_COMMIT_ATTEMPTS + 1):
+            try:
+                for name, value in values.items():
+                    setattr(row, name, value)
+                if built:
+                    enqueue_results(session, row, built)
+                session.commit()
+                break
+            except SQLAlchemyError as exc:  # the score is committed: only the findings wait for the database
+                session.rollback()
+                if attempt == FINDINGS_COMMIT_ATTEMPTS:
+                    bound.error("findings_not_stored", attempts=attempt, error=error_line(exc))
+                    return
+                self.store.availability.failed(exc, "findings")
+                time.sleep(backoff_s(attempt, RETRY_INITIAL_S, RETRY_MAX_S))
+        self.store.availability.answered()
+        if built:
             self.on_results()
 
-    def _queue_results(self, session, row: SeriesResult, series: SpooledSeries, folder: Path, bound) -> bool:
-        """Build the SR and the montage SC for PACS into ``folder`` and add their outbox rows to the session."""
+    def _build_results(self, row: SeriesResult, values: dict, series: SpooledSeries, folder: Path, bound) -> dict:
+        """The SR and the montage SC for PACS, built into ``folder`` (empty when results to PACS are off)."""
         if not self.result_channels:
-            return False
+            return {}
         started = time.perf_counter()
         info = self.scorer.info
         facts = ResultFacts(
@@ -216,21 +232,20 @@ class SeriesProcessor:
             series_description=row.series_description,
             score=row.score,
             threshold=self.threshold,
-            iqms=row.iqms or {},
+            iqms=values.get("iqms") or {},
             model=ModelIdentity(info.architecture, info.sha256, info.label),
             device_name=self.device_name,
         )
-        montage = Path(row.montage_path) if row.montage_path else None
+        montage = Path(values["montage_path"]) if values.get("montage_path") else None
         try:
             built = build_results([KINDS[c] for c in self.result_channels], series.datasets, facts, montage, folder)
         except Exception as exc:  # noqa: BLE001 - e.g. the disk is full: the findings are still stored
             bound.error("results_not_built", error=type(exc).__name__)
-            return False
-        enqueue_results(session, row, built)
+            return {}
         bound.info("results_queued", seconds=round(time.perf_counter() - started, 3),
                    **{kind.value: getattr(result, "sop_instance_uid", f"failed: {result}")
                       for kind, result in built.items()})
-        return True
+        return built
 
     def _log_outcome(self, bound, row: SeriesResult, timings: _Timings) -> None:
         if row.status is SeriesStatus.SCORED:
