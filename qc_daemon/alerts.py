@@ -3,7 +3,10 @@
 The structured log event ``alert_raised`` is written at once by the pipeline. The webhook (JSON POST) and the
 exec hook are outbox rows in ``alerts``, written in the same transaction as the result; the dispatcher thread
 delivers due rows and retries failures with exponential backoff until they are delivered. One row per
-(series revision, channel): a revision alerts once per channel.
+(series revision, channel): a revision alerts once per channel. Daemons sharing a database share the outbox: any
+of them delivers a row, once (:func:`~qc_daemon.store.claim_alert`), so they are configured with the same
+``[alerts]``. While the database is away the dispatcher logs that once (``database_unavailable``) and keeps
+polling.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from qc_daemon.logs import get_logger
 from qc_daemon.settings import AlertSettings
@@ -109,8 +114,12 @@ class AlertDispatcher:
         while not self._stop.is_set():
             try:
                 self.deliver_due()
-            except Exception:  # noqa: BLE001 - e.g. the database is briefly locked; try again next poll
+            except SQLAlchemyError as exc:  # locked or away: logged once per outage, tried again next poll
+                self.store.availability.failed(exc, "alerts")
+            except Exception:  # noqa: BLE001 - the dispatcher must outlive a bug in one delivery
                 log.exception("alert_dispatch_error")
+            else:
+                self.store.availability.answered()
             self._wake.wait(self.poll_s)
             self._wake.clear()
 

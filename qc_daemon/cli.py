@@ -1,8 +1,10 @@
 """``qc-daemon``: run the node, ask it about history, score a file offline, echo a node, check a config.
 
 Exit codes (deploy/README.md lists them too): 0 success; 1 the command failed (message on stderr); 2 bad usage
-or a configuration error; 3 ``serve`` cannot open its DICOM port (in use, or not permitted); 141 the reader of
-our output went away (``qc-daemon history | head -2``), as for a tool ended by SIGPIPE.
+or a configuration error; 3 ``serve`` cannot open its DICOM port (in use, or not permitted); 4 the database
+cannot be opened (server unreachable, credentials refused, driver missing; the message names the URL without its
+password); 141 the reader of our output went away (``qc-daemon history | head -2``), as for a tool ended by
+SIGPIPE.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2  # also argparse's status for bad usage
 EXIT_CANNOT_LISTEN = 3
+EXIT_NO_DATABASE = 4
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 CONFIG_ENV = "QC_DAEMON_CONFIG"  # the config file to read when --config is not given
@@ -35,6 +38,10 @@ class CliError(Exception):
 
 
 class CannotListen(Exception):
+    pass
+
+
+class NoDatabase(Exception):
     pass
 
 
@@ -66,6 +73,9 @@ def _run(argv: list[str] | None) -> int:
     except CannotListen as exc:
         print(f"qc-daemon: {exc}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN
+    except NoDatabase as exc:
+        print(f"qc-daemon: {exc}", file=sys.stderr)
+        return EXIT_NO_DATABASE
     except CliError as exc:
         print(f"qc-daemon: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -161,6 +171,7 @@ def cmd_serve(args, settings: Settings) -> int:
     from qc_daemon.logs import configure_logging, get_logger
     from qc_daemon.scorer import ModelError
     from qc_daemon.service import Daemon
+    from qc_daemon.store import SchemaError, StoreUnavailable
 
     configure_logging(settings.logging)
     log = get_logger("qc_daemon.cli")
@@ -168,6 +179,12 @@ def cmd_serve(args, settings: Settings) -> int:
         daemon = Daemon(settings)
     except ModelError as exc:
         log.error("model_refused", error=str(exc))
+        raise CliError(str(exc)) from exc
+    except StoreUnavailable as exc:
+        log.error("database_unavailable", error=str(exc))
+        raise NoDatabase(str(exc)) from exc
+    except SchemaError as exc:
+        log.error("database_refused", error=str(exc))
         raise CliError(str(exc)) from exc
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -195,11 +212,16 @@ def cmd_serve(args, settings: Settings) -> int:
 
 
 def _open_store(settings: Settings):
-    from qc_daemon.store import Store
+    from qc_daemon.store import SchemaError, Store, StoreUnavailable
 
     if not settings.storage.database_url and not (settings.storage.state_dir / "qc.sqlite3").exists():
         raise CliError(f"no database yet under {settings.storage.state_dir} (has the daemon run?)")
-    return Store(settings.storage.database)
+    try:
+        return Store(settings.storage.database)
+    except StoreUnavailable as exc:
+        raise NoDatabase(str(exc)) from exc
+    except SchemaError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def cmd_history(args, settings: Settings) -> int:
@@ -224,7 +246,8 @@ def cmd_history(args, settings: Settings) -> int:
 
 
 def _print_table(rows) -> None:
-    header = f"{'completed (UTC)':19}  {'status':7}  {'score':>5}  {'n':>4}  {'station':12}  {'description':24}  series"
+    header = (f"{'completed (UTC)':19}  {'status':7}  {'score':>5}  {'n':>4}  {'station':12}  {'description':24}  "
+              f"{'node':20}  series")
     print(header)
     for row in rows:
         score = f"{row.score:.3f}" if row.score is not None else "-"
@@ -232,12 +255,12 @@ def _print_table(rows) -> None:
         print(
             f"{row.completed_at:%Y-%m-%d %H:%M:%S}  {row.status.value:7}  {score:>5}{flag} {row.instances:>4}  "
             f"{(row.station_name or '-')[:12]:12}  {(row.series_description or '-')[:24]:24}  "
-            f"{row.series_instance_uid}" + (f"  ({row.reason})" if row.reason else "")
+            f"{(row.node_name or '-')[:20]:20}  {row.series_instance_uid}" + (f"  ({row.reason})" if row.reason else "")
         )
 
 
 def cmd_show(args, settings: Settings) -> int:
-    from qc_daemon.store import alerts_for, revisions
+    from qc_daemon.store import ALERT_CHANNELS, RESULT_CHANNELS, alerts_for, revisions
 
     store = _open_store(settings)
     with store.session() as session:
@@ -249,7 +272,13 @@ def cmd_show(args, settings: Settings) -> int:
             item = row.to_dict(with_patches=True)
             item["alerts"] = [
                 {"channel": a.channel.value, "state": a.state.value, "attempts": a.attempts, "last_error": a.last_error}
-                for a in alerts_for(session, row.id)
+                for a in alerts_for(session, row.id, ALERT_CHANNELS)
+            ]
+            item["pacs_results"] = [
+                {"channel": a.channel.value, "state": a.state.value, "attempts": a.attempts, "last_error": a.last_error,
+                 "sop_instance_uid": a.payload.get("sop_instance_uid"),
+                 "delivered_at": a.delivered_at and a.delivered_at.isoformat(timespec="seconds") + "Z"}
+                for a in alerts_for(session, row.id, RESULT_CHANNELS)
             ]
             out.append(item)
     store.close()
@@ -271,9 +300,23 @@ def cmd_show(args, settings: Settings) -> int:
                     for line in _iqm_lines(value, item.get("iqm_errors") or {}):
                         print(f"  {line}")
                     continue
+                elif key == "pacs_results" and value:
+                    print(key)
+                    for line in _delivery_lines(value):
+                        print(f"  {line}")
+                    continue
                 print(f"{key:20} {value}")
             print()
     return EXIT_OK
+
+
+def _delivery_lines(deliveries: list[dict]) -> list[str]:
+    """One line per result sent to PACS: channel, state, attempts, SOP instance UID, and the last error."""
+    return [
+        f"{d['channel']:13} {d['state']:9} {_count(d['attempts'], 'attempt', 'attempts'):11} "
+        f"{d['sop_instance_uid'] or '-'}" + (f"  ({d['last_error']})" if d["last_error"] else "")
+        for d in deliveries
+    ]
 
 
 def _iqm_lines(iqms: dict, errors: dict) -> list[str]:
@@ -395,6 +438,7 @@ def cmd_send(args, settings: Settings) -> int:
 
 def cmd_check_config(args, settings: Settings) -> int:
     from qc_daemon.scorer import ModelError, Scorer
+    from qc_daemon.store import url_without_password
 
     try:
         scorer = Scorer(settings.scoring)
@@ -402,12 +446,14 @@ def cmd_check_config(args, settings: Settings) -> int:
         raise CliError(f"model: {exc}") from exc
     summary = {
         "dicom": f"{settings.dicom.ae_title}@{settings.dicom.host}:{settings.dicom.port}",
+        "node_name": settings.node_name,
         "state_dir": str(settings.storage.state_dir),
-        "database": settings.storage.database,
+        "database": url_without_password(settings.storage.database),
         "spool": str(settings.storage.spool_path),
         "model": scorer.describe(),
         "alert_threshold": settings.alerts.threshold,
         "http": _describe_http(settings.http),
+        "results": _describe_results(settings),
     }
     print(json.dumps(summary, indent=2))
     return EXIT_OK
@@ -420,6 +466,15 @@ def _describe_http(http) -> str:
     logins = (("basic auth", bool(http.username)), ("bearer token", bool(http.token.get_secret_value())))
     access = ", ".join(name for name, on in logins if on) or "no login"
     return f"{scheme}://{http.host}:{http.port} ({access}; /health open)"
+
+
+def _describe_results(settings: Settings) -> str:
+    results = settings.results
+    if not results.enabled:
+        return "disabled"
+    sent = " and ".join(name for name, on in (("SR", results.send_report), ("montage SC", results.send_montage)) if on)
+    calling = results.calling_ae_title or settings.dicom.ae_title
+    return f"{sent} to {results.target} from {calling}" + (" over TLS" if results.tls else "")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import logging
 import sys
 
 import structlog
+from pydicom import config as pydicom_config
 
 from qc_daemon.settings import LogFormat, LoggingSettings
 
@@ -53,6 +54,13 @@ def configure_logging(settings: LoggingSettings, stream=None) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("dicom2nifti").setLevel(logging.WARNING)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
+    # highdicom warns with the offending value when it copies a patient module (a name, a birth date): errors
+    # reach us as exceptions, recorded without patient data (qc_daemon.pacs_report.scrub_patient_data).
+    logging.getLogger("highdicom").setLevel(logging.CRITICAL)
+    # pydicom quotes a value it doubts (a birth date, a name) in a warning and on its logger: in the daemon a
+    # received value is never checked by pydicom while reading (the intake checks structure, not values).
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

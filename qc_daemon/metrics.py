@@ -1,8 +1,9 @@
 """Prometheus metrics (``qc_`` names) in a registry of the daemon's own, never the process-global one.
 
 Counted where the decision is taken: instances received or refused by :class:`~qc_daemon.intake.Intake`. Read
-at scrape time: series by final status, alerts raised and pending, scoring and end-to-end latency histograms
-(aggregates over the store, so they survive a restart and never miss a row), and the daemon's
+at scrape time: series by final status, alerts raised and pending, results to PACS pending and failed (never
+counted as alerts), scoring and end-to-end latency histograms (aggregates over the store, so they survive a
+restart and never miss a row), and the daemon's
 :class:`~qc_daemon.status.DaemonStatus` (queue depth, series receiving, free disk, listener up, model loaded).
 No UID is ever a label.
 """
@@ -16,11 +17,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
-from qc_daemon.logs import get_logger
 from qc_daemon.status import DaemonStatus
 from qc_daemon.store import Latency, Store, latency_counts, result_totals
 
-log = get_logger(__name__)
 
 SCORING_BUCKETS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 END_TO_END_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -77,9 +76,10 @@ class _StoreAndStatusCollector(Collector):
                     Latency.END_TO_END: latency_counts(session, Latency.END_TO_END, END_TO_END_BUCKETS_S),
                 }
         except SQLAlchemyError as exc:
-            log.warning("metrics_store_unavailable", error=str(exc)[:200])
+            self.store.availability.failed(exc, "metrics")  # logged once per outage, not per scrape
             yield _gauge("qc_store_up", "1 when the results database answers", 0.0)
             return
+        self.store.availability.answered()
         yield _gauge("qc_store_up", "1 when the results database answers", 1.0)
         series = CounterMetricFamily("qc_series", "Series revisions recorded, by final status", labels=["status"])
         for name, count in totals.series_by_status.items():
@@ -87,7 +87,11 @@ class _StoreAndStatusCollector(Collector):
         yield series
         yield CounterMetricFamily("qc_alerts_raised", "Scored revisions below the alert threshold",
                                   value=totals.alerts_raised)
-        yield _gauge("qc_alerts_pending", "Alert deliveries waiting in the outbox", totals.alerts_pending)
+        yield _gauge("qc_alerts_pending", "Alert deliveries (webhook, exec) waiting in the outbox",
+                     totals.alerts_pending)
+        yield _gauge("qc_results_pending", "Results to PACS (SR, montage SC) waiting in the outbox",
+                     totals.results_pending)
+        yield _gauge("qc_results_failed", "Results to PACS the destination refused for good", totals.results_failed)
         helps = {
             Latency.SCORING: "Seconds to preprocess and score a volume",
             Latency.END_TO_END: "Seconds from the newest instance in the spool to the stored outcome",

@@ -1,10 +1,12 @@
-"""The work behind a complete series: snapshot the spool, classify, build the volume, score, record, alert.
+"""The work behind a complete series: snapshot the spool, classify, build the volume, score, record, alert;
+then the findings (IQMs, quality map, montage) and the results for PACS (SR, montage SC, queued for sending).
 
 :class:`SeriesProcessor` does one series and never raises: every outcome is a stored row (scored, skipped or
 failed, with its reason) -- unless the store itself fails, and then it raises. :class:`WorkQueue` runs it on
 worker threads from a bounded queue and hands a series whose processing raised back for a retry after a delay
 that doubles with each failure (capped), so a database outage delays results instead of losing them until the
-next restart.
+next restart; a series another node is recording (:class:`~qc_daemon.store.RevisionInProgress`) is looked at
+again after :data:`RECHECK_S`, without counting as a failure.
 """
 
 from __future__ import annotations
@@ -17,29 +19,37 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from qc_daemon.alerts import alert_payload, backoff_s
 from qc_daemon.findings import compute_findings, results_folder
 from qc_daemon.logs import get_logger
 from qc_daemon.montage import MontageCaption
+from qc_daemon.pacs_report import ModelIdentity, ResultFacts, build_results
+from qc_daemon.pacs_sender import KINDS, enqueue_results
 from qc_daemon.scorer import Score, Scorer
-from qc_daemon.series import SeriesFailed, SeriesSkipped, classify, read_series, series_facts
+from qc_daemon.series import SeriesFailed, SeriesSkipped, SpooledSeries, classify, read_series, series_facts
 from qc_daemon.spool import Spool
 from qc_daemon.store import (
     AlertChannel,
+    RevisionInProgress,
     SeriesResult,
     SeriesStatus,
     Store,
     awaits_result,
+    begin_revision,
     enqueue_alert,
+    error_line,
     latest_revision,
-    open_revision,
     utcnow,
 )
 from qc_daemon.volume import Volume, build_volume
 
 log = get_logger(__name__)
 RETRY_INITIAL_S = 1.0  # first delay before a series whose processing raised is tried again
-RETRY_MAX_S = 60.0  # the delay doubles per failure up to this
+RETRY_MAX_S = 15.0  # the delay doubles per failure up to this: a result is stored soon after an outage ends
+FINDINGS_COMMIT_ATTEMPTS = 4  # the findings commit through a database outage of up to ~7 s (1 + 2 + 4 s)
+RECHECK_S = 5.0  # a series another node is scoring is looked at again after this
 
 
 class SeriesProcessor:
@@ -56,6 +66,10 @@ class SeriesProcessor:
         archive_dir: Path | None,
         results_dir: Path | None = None,
         on_alert: Callable[[], None] = lambda: None,
+        node_name: str | None = None,
+        result_channels: tuple[AlertChannel, ...] = (),
+        device_name: str = "QC_DAEMON",
+        on_results: Callable[[], None] = lambda: None,
     ):
         self.spool = spool
         self.store = store
@@ -67,11 +81,17 @@ class SeriesProcessor:
         self.archive_dir = archive_dir
         self.results_dir = results_dir
         self.on_alert = on_alert
+        self.node_name = node_name
+        self.result_channels = result_channels  # results to PACS: outbox channels (none: off)
+        self.device_name = device_name  # names the daemon as the observer in the SR
+        self.on_results = on_results
 
     def process(self, series_uid: str) -> SeriesResult | None:
-        """Record one revision of the series; None when the spool holds nothing new since the last one.
+        """Record one revision of the series; None when the spool holds nothing new since the last one (or
+        another node sharing the database recorded these instances).
 
-        Raises what the store raises (the database is locked or gone): nothing is recorded then.
+        Raises what the store raises (the database is locked or gone): nothing is recorded then; and
+        :class:`~qc_daemon.store.RevisionInProgress` while another node is scoring the same instances.
         """
         started_at = utcnow()
         started = time.perf_counter()
@@ -82,17 +102,20 @@ class SeriesProcessor:
         with self.store.session() as session:
             if not awaits_result(session, series_uid, len(paths)):
                 latest = latest_revision(session, series_uid)
-                log.info("series_unchanged", series_instance_uid=series_uid, revision=latest.revision)
+                log.info("series_unchanged", series_instance_uid=series_uid, revision=latest.revision,
+                         recorded_by=latest.node_name)
                 return None
             with timings.phase("read_s"):
                 series = read_series(series_uid, paths)
             arrivals = [p.stat().st_mtime for p in paths]
             facts = series_facts(series, len(paths), _utc(min(arrivals)))
             with timings.phase("store_s"):
-                row = open_revision(session, facts)
-                row.last_instance_at = _utc(max(arrivals))
-                row.processing_started_at = started_at
-                session.commit()
+                row = begin_revision(session, facts, self.node_name, _utc(max(arrivals)), started_at)
+            if row is None:  # a second node's copy of a series routed to both
+                latest = latest_revision(session, series_uid)
+                log.info("series_duplicate", series_instance_uid=series_uid, revision=latest.revision,
+                         recorded_by=latest.node_name, instances=len(paths))
+                return None
             bound = log.bind(series_instance_uid=series_uid, revision=row.revision)
             bound.info("series_processing", instances=len(paths))
             scored = None
@@ -123,7 +146,7 @@ class SeriesProcessor:
                 self._add_findings(session, row, *scored, bound)
             return row
 
-    def _score_into(self, row: SeriesResult, series, timings: _Timings) -> tuple[Volume, Score]:
+    def _score_into(self, row: SeriesResult, series, timings: _Timings) -> tuple[Volume, Score, SpooledSeries]:
         with timings.phase("volume_s"):
             series = classify(series, self.min_slices, self.phantom_keywords)
             keep_as = None
@@ -142,10 +165,13 @@ class SeriesProcessor:
         row.scoring_time_s = result.seconds
         row.model_sha256 = self.scorer.model_sha256
         row.nifti_path = str(keep_as) if keep_as is not None else None
-        return volume, result
+        return volume, result, series
 
-    def _add_findings(self, session, row: SeriesResult, volume: Volume, score: Score, bound) -> None:
-        """IQMs, quality map and montage, stored in a second commit: the score and alert are already out."""
+    def _add_findings(self, session, row: SeriesResult, volume: Volume, score: Score, series: SpooledSeries,
+                      bound) -> None:
+        """IQMs, quality map and montage, stored in a second commit with the results for PACS (queued in the
+        outbox): the score and alert are already out. The commit is tried again through a short database outage
+        (:data:`FINDINGS_COMMIT_ATTEMPTS`); after that the findings are lost, never the score."""
         caption = MontageCaption(
             series_instance_uid=row.series_instance_uid,
             study_instance_uid=row.study_instance_uid,
@@ -158,22 +184,68 @@ class SeriesProcessor:
             model_sha256=row.model_sha256,
         )
         folder = results_folder(self.results_dir, row.series_instance_uid, row.revision)
+        values: dict = {}
         try:
             findings = compute_findings(volume, score, caption, folder)
         except Exception as exc:  # noqa: BLE001 - the score is stored; a findings failure only loses findings
             bound.exception("findings_failed")
-            row.iqm_errors = {"all": f"internal error: {type(exc).__name__}: {exc}"[:500]}
+            values["iqm_errors"] = {"all": f"internal error: {type(exc).__name__}: {exc}"[:500]}
         else:
-            row.iqms, row.iqm_errors = findings.iqms, findings.iqm_errors
-            row.quality_map_path = str(findings.quality_map_path) if findings.quality_map_path else None
-            row.montage_path = str(findings.montage_path) if findings.montage_path else None
+            values = {
+                "iqms": findings.iqms,
+                "iqm_errors": findings.iqm_errors,
+                "quality_map_path": str(findings.quality_map_path) if findings.quality_map_path else None,
+                "montage_path": str(findings.montage_path) if findings.montage_path else None,
+            }
             bound.info("series_findings", iqms_missing=sorted(findings.iqm_errors),
                        **{k: round(v, 3) for k, v in findings.seconds.items()})
+        built = self._build_results(row, values, series, folder, bound)
+        for attempt in range(1, FINDINGS_COMMIT_ATTEMPTS + 1):
+            try:
+                for name, value in values.items():
+                    setattr(row, name, value)
+                if built:
+                    enqueue_results(session, row, built)
+                session.commit()
+                break
+            except SQLAlchemyError as exc:  # the score is committed: only the findings wait for the database
+                session.rollback()
+                if attempt == FINDINGS_COMMIT_ATTEMPTS:
+                    bound.error("findings_not_stored", attempts=attempt, error=error_line(exc))
+                    return
+                self.store.availability.failed(exc, "findings")
+                time.sleep(backoff_s(attempt, RETRY_INITIAL_S, RETRY_MAX_S))
+        self.store.availability.answered()
+        if built:
+            self.on_results()
+
+    def _build_results(self, row: SeriesResult, values: dict, series: SpooledSeries, folder: Path, bound) -> dict:
+        """The SR and the montage SC for PACS, built into ``folder`` (empty when results to PACS are off)."""
+        if not self.result_channels:
+            return {}
+        started = time.perf_counter()
+        info = self.scorer.info
+        facts = ResultFacts(
+            series_instance_uid=row.series_instance_uid,
+            revision=row.revision,
+            scored_at=row.scored_at,
+            series_description=row.series_description,
+            score=row.score,
+            threshold=self.threshold,
+            iqms=values.get("iqms") or {},
+            model=ModelIdentity(info.architecture, info.sha256, info.label),
+            device_name=self.device_name,
+        )
+        montage = Path(values["montage_path"]) if values.get("montage_path") else None
         try:
-            session.commit()
-        except Exception:  # noqa: BLE001 - the score is committed; losing its findings must not retry the series
-            session.rollback()
-            bound.exception("findings_not_stored")
+            built = build_results([KINDS[c] for c in self.result_channels], series.datasets, facts, montage, folder)
+        except Exception as exc:  # noqa: BLE001 - e.g. the disk is full: the findings are still stored
+            bound.error("results_not_built", error=type(exc).__name__)
+            return {}
+        bound.info("results_queued", seconds=round(time.perf_counter() - started, 3),
+                   **{kind.value: getattr(result, "sop_instance_uid", f"failed: {result}")
+                      for kind, result in built.items()})
+        return built
 
     def _log_outcome(self, bound, row: SeriesResult, timings: _Timings) -> None:
         if row.status is SeriesStatus.SCORED:
@@ -220,7 +292,8 @@ class WorkQueue:
     """Bounded queue of series UIDs served by worker threads; a UID is queued at most once at a time.
 
     When processing a series raises (the store failed: nothing was recorded), ``retry_later(uid, delay_s)``
-    gets it back to offer again after ``delay_s``: 1 s, 2 s, 4 s ... up to a minute, for as long as it fails.
+    gets it back to offer again after ``delay_s``: 1 s, 2 s, 4 s ... up to :data:`RETRY_MAX_S`, for as long as
+    it fails.
     """
 
     def __init__(
@@ -271,10 +344,19 @@ class WorkQueue:
                 self._running.add(uid)
             try:
                 self._process(uid)
-            except Exception:  # noqa: BLE001 - series failures are recorded rows; this is the store (or spool) failing
+            except RevisionInProgress as exc:
+                log.info("series_recording_elsewhere", series_instance_uid=uid, revision=exc.revision,
+                         node_name=exc.node_name, recheck_in_s=RECHECK_S)
+                self._retry_later(uid, RECHECK_S)
+            except Exception as exc:  # noqa: BLE001 - series failures are recorded rows: this is the store (or spool)
                 failures = self._failures[uid] = self._failures.get(uid, 0) + 1
                 delay_s = backoff_s(failures, RETRY_INITIAL_S, RETRY_MAX_S)
-                log.exception("series_retry_scheduled", series_instance_uid=uid, failures=failures, retry_in_s=delay_s)
+                if isinstance(exc, SQLAlchemyError):  # the database is locked or away: a traceback adds nothing
+                    log.warning("series_retry_scheduled", series_instance_uid=uid, failures=failures,
+                                retry_in_s=delay_s, error=error_line(exc))
+                else:
+                    log.exception("series_retry_scheduled", series_instance_uid=uid, failures=failures,
+                                  retry_in_s=delay_s)
                 self._retry_later(uid, delay_s)
             else:
                 self._failures.pop(uid, None)

@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from qc_daemon.intake import check_part10
+from qc_daemon.pacs_report import own_result_kind
 from qc_daemon.store import SeriesFacts
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -153,6 +154,9 @@ def classify(series: SpooledSeries, min_slices: int, phantom_keywords: Sequence[
     if not series.datasets:
         detail = "; ".join(series.unreadable[:3])
         raise SeriesFailed(f"no readable DICOM instance ({detail})")
+    own = {own_result_kind(ds) for ds in series.datasets}
+    if None not in own:
+        raise SeriesSkipped(f"own result (qc-daemon {'/'.join(sorted(own))}): never scored or sent again")
     classes = {str(ds.get("SOPClassUID", "") or "").rstrip("\x00 ") for ds in series.datasets}
     if not classes & MR_IMAGE_CLASSES:
         names = ", ".join((UID(uid).name or uid)[:64] if uid else "missing" for uid in sorted(classes)[:5])

@@ -2,9 +2,14 @@
 
 Start-up order: store (migrated) -> scorer (model checked; refuse to start on a bad model) -> model warm-up (one
 dummy batch, on its own thread) -> spool recovery (every series in the spool that has no final result for all its
-instances is tracked again) -> workers -> alerts -> listener and drop folder. Stop (SIGTERM): stop accepting
-(listener, drop folder), let the series in progress finish, leave queued ones in the spool for the next start,
-stop alerts. The constructor only builds the parts; every thread is started by :meth:`Daemon.start`.
+instances is tracked again) -> workers -> alerts and results to PACS (their outboxes are picked up where they were)
+-> listener and drop folder. Stop (SIGTERM): stop accepting (listener, drop folder), let the series in progress
+finish, leave queued ones in the spool for the next start, stop alerts and the results sender. The constructor only
+builds the parts; every thread is started by :meth:`Daemon.start`.
+
+The store must answer at start-up (:class:`~qc_daemon.store.StoreUnavailable` otherwise). Later outages cost no
+instance: the listener keeps spooling, a series the store failed is retried (qc_daemon.pipeline), and the parts
+that poll the store report to its :class:`~qc_daemon.store.Availability`, which logs each outage once.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from qc_daemon.alerts import AlertDispatcher, enabled_channels
 from qc_daemon.assembler import Assembler
 from qc_daemon.dropfolder import DropFolder
@@ -23,6 +30,7 @@ from qc_daemon.intake import Intake
 from qc_daemon.listener import start_listener
 from qc_daemon.logs import get_logger
 from qc_daemon.metrics import DaemonMetrics
+from qc_daemon.pacs_sender import ResultSender, result_channels
 from qc_daemon.pipeline import SeriesProcessor, WorkQueue
 from qc_daemon.scorer import Scorer
 from qc_daemon.settings import Settings
@@ -32,6 +40,9 @@ from qc_daemon.store import BUSY_TIMEOUT_S, Store, awaits_result
 
 log = get_logger(__name__)
 RETENTION_EVERY_S = 3600.0
+RETENTION_RETRY_S = 60.0  # retention postponed by a database outage runs again this soon
+STORE_THREADS = 4  # besides the workers, threads that use the store: the ticker, the alert dispatcher, the
+# results sender, the web view
 
 
 class Daemon:
@@ -40,11 +51,14 @@ class Daemon:
         self.tick_s = tick_s
         storage = settings.storage
         storage.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(storage.database, busy_timeout_s=store_busy_timeout_s)
+        self.node_name = settings.node_name
+        self.store = Store(storage.database, busy_timeout_s=store_busy_timeout_s,
+                           pool_size=settings.assembly.workers + STORE_THREADS)
         self.scorer = Scorer(settings.scoring)
         self.spool = Spool(storage.spool_path)
         self.spool.clean_incoming()
         self.alerts = AlertDispatcher(self.store, settings.alerts)
+        self.results = ResultSender(self.store, settings.results, settings.dicom.ae_title, node_name=self.node_name)
         self.processor = SeriesProcessor(
             self.spool,
             self.store,
@@ -56,6 +70,10 @@ class Daemon:
             archive_dir=storage.archive_path if storage.keep_nifti else None,
             results_dir=storage.results_path,
             on_alert=self.alerts.wake,
+            node_name=self.node_name,
+            result_channels=result_channels(settings.results),
+            device_name=self.results.calling_ae_title,
+            on_results=self.results.wake,
         )
         self.activity = Activity()
         self.metrics = DaemonMetrics(self.store, self.status)
@@ -120,9 +138,14 @@ class Daemon:
     def _process(self, series_uid: str):
         self.activity.started(series_uid)
         try:
-            return self.processor.process(series_uid)
+            row = self.processor.process(series_uid)
+        except SQLAlchemyError as exc:
+            self.store.availability.failed(exc, "pipeline")
+            raise  # the work queue retries the series
         finally:
             self.activity.finished(series_uid)
+        self.store.availability.answered()
+        return row
 
     def recover(self) -> list[str]:
         """Track every spooled series whose instances are not all covered by a final result."""
@@ -147,6 +170,7 @@ class Daemon:
         self.work.start()
         self._ticker.start()
         self.alerts.start()
+        self.results.start()
         self.ae, self.server = start_listener(
             self.settings.dicom,
             self.intake,
@@ -158,7 +182,8 @@ class Daemon:
         if self.settings.http.enabled:
             self.web = self._start_web()
         _sd_notify("READY=1")
-        log.info("daemon_ready", state_dir=str(self.settings.storage.state_dir), port=self.port)
+        log.info("daemon_ready", state_dir=str(self.settings.storage.state_dir), port=self.port,
+                 node_name=self.node_name, database=self.store.shown_url)
 
     def _start_web(self):
         from qc_daemon.web import WebServer, WebView, create_app  # only a daemon serving the web view needs it
@@ -177,13 +202,17 @@ class Daemon:
             log.exception("model_warm_up_failed")
 
     def _tick_loop(self) -> None:
-        last_retention = 0.0
+        next_retention = 0.0
         while not self._stop.wait(self.tick_s):
             try:
                 self.assembler.tick()
-                if self.settings.storage.retention_days and time.monotonic() - last_retention > RETENTION_EVERY_S:
-                    last_retention = time.monotonic()
-                    self.apply_retention()
+                if self.settings.storage.retention_days and time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + RETENTION_EVERY_S
+                    try:
+                        self.apply_retention()
+                    except SQLAlchemyError as exc:  # which series are unrecorded is not known: keep everything
+                        self.store.availability.failed(exc, "retention")
+                        next_retention = time.monotonic() + RETENTION_RETRY_S
             except Exception:  # noqa: BLE001 - the ticker must outlive any single failure
                 log.exception("assembler_tick_error")
             _sd_notify("WATCHDOG=1")
@@ -228,6 +257,7 @@ class Daemon:
         if self._warm_up.is_alive():
             self._warm_up.join()
         self.alerts.stop()
+        self.results.stop()
         self.store.close()
         log.info("daemon_stopped")
 

@@ -12,11 +12,16 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+import socket
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from qc_daemon.config_base import InvalidValue, Section, read_toml, validate_toml
 
@@ -149,6 +154,9 @@ class StorageSettings(Section):
     spool_dir: str = ""
     archive_dir: str = ""
     database_url: str = ""
+    # This daemon's name in the results it records (several daemons may share one PostgreSQL database).
+    # Empty: "<host name>:<dicom.port>" (Settings.node_name).
+    node_name: str = Field("", max_length=128)
     # Keep each scored series' NIfTI volume under archive_dir (for later training).
     keep_nifti: bool = False
     # Refuse instances (out of resources) when free space in the state folder falls below this.
@@ -156,6 +164,28 @@ class StorageSettings(Section):
     # Remove spooled instances and archived volumes older than this many days; results are kept, and so are the
     # instances of a series not yet recorded (e.g. after a long outage). 0 = never.
     retention_days: float = Field(7.0, ge=0)
+
+    @model_validator(mode="after")
+    def _database_url_usable(self) -> StorageSettings:
+        """A typo in the URL or a driver not installed fails at start-up, naming the URL without its password."""
+        if not self.database_url:
+            return self
+        try:
+            url = make_url(self.database_url)
+        except ArgumentError:
+            raise InvalidValue("database_url", "(not shown: it may hold a password)",
+                               "expected a database URL, e.g. postgresql://qc@db.example.org/qc") from None
+        if url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")  # as qc_daemon.store opens it
+        shown = url.render_as_string(hide_password=True)
+        try:
+            url.get_dialect().import_dbapi()
+        except NoSuchModuleError:
+            raise InvalidValue("database_url", shown, "unknown database: expected sqlite:// or postgresql://") from None
+        except ImportError as exc:
+            hint = " (pip install 'qc-daemon[postgres]')" if url.get_backend_name() == "postgresql" else ""
+            raise InvalidValue("database_url", shown, f"its driver is not installed: {exc}{hint}") from None
+        return self
 
     @property
     def spool_path(self) -> Path:
@@ -234,6 +264,119 @@ class AlertSettings(Section):
         return self
 
 
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM node to send to: ``AE_TITLE@host:port``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+
+def parse_destination(value: str) -> Destination:
+    """``AE_TITLE@host:port`` (an IPv6 address in brackets: ``PACS@[fd00::5]:104``); ValueError says what is wrong."""
+    ae_title, at, address = value.rpartition("@")
+    if not at:
+        raise ValueError("expected AE_TITLE@host:port, e.g. PACS@10.1.2.3:104")
+    try:
+        _ae_title(ae_title)
+    except ValueError as exc:
+        raise ValueError(f"AE title {ae_title!r}: {exc}") from None
+    host, colon, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or any(c.isspace() or c in "/@[]" for c in host):
+        raise ValueError("expected AE_TITLE@host:port, e.g. PACS@10.1.2.3:104")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r}: expected 1 to 65535")
+    return Destination(ae_title, host, int(port))
+
+
+def _destination(value: str) -> str:
+    if value:
+        parse_destination(value)
+    return value
+
+
+def _client_tls_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A TLS 1.2+ client context verifying the server against ``ca_file`` (empty: the system's CAs), with a
+    client certificate for mutual TLS when ``cert_file`` and ``key_file`` are set (together)."""
+    if bool(cert_file) != bool(key_file):
+        missing = "tls_key_file" if cert_file else "tls_cert_file"
+        raise InvalidValue(missing, "", "results.tls_cert_file and results.tls_key_file must be set together")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=Path(ca_file).expanduser())
+        except (ssl.SSLError, OSError) as exc:
+            raise InvalidValue("tls_ca_file", ca_file, f"cannot load: {exc}") from None
+    if cert_file:
+        try:
+            context.load_cert_chain(Path(cert_file).expanduser(), Path(key_file).expanduser())
+        except (ssl.SSLError, OSError) as exc:
+            raise InvalidValue("tls_cert_file", cert_file,
+                               f"cannot load the certificate and key (results.tls_key_file = {key_file!r}): {exc}"
+                               ) from None
+    return context
+
+
+class ResultsSettings(Section):
+    """Results to PACS (:mod:`qc_daemon.pacs_report`, :mod:`qc_daemon.pacs_sender`): off unless a destination is set."""
+
+    # Empty: off. Otherwise "AE_TITLE@host:port": each scored revision's SR and montage are stored there.
+    destination: Annotated[str, AfterValidator(_destination)] = ""
+    # Our AE title when sending; empty: dicom.ae_title.
+    calling_ae_title: str = ""
+    send_report: bool = True
+    send_montage: bool = True
+    # ACSE, DIMSE and network timeout of one delivery.
+    timeout_s: float = Field(30.0, gt=0)
+    retry_initial_s: float = Field(10.0, gt=0)
+    retry_max_s: float = Field(600.0, gt=0)
+    # DICOM TLS to the destination (TLS 1.2+). CA file empty: the system's CAs verify the server.
+    tls: bool = False
+    tls_ca_file: ExistingFile = ""
+    tls_cert_file: ExistingFile = ""
+    tls_key_file: ExistingFile = ""
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _calling_ae(cls, value: str) -> str:
+        return _ae_title(value) if value else value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.destination) and (self.send_report or self.send_montage)
+
+    @property
+    def target(self) -> Destination:
+        return parse_destination(self.destination)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        return _client_tls_context(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ResultsSettings:
+        if self.retry_initial_s > self.retry_max_s:
+            raise InvalidValue("retry_initial_s", self.retry_initial_s, "expected <= results.retry_max_s")
+        if self.destination and not (self.send_report or self.send_montage):
+            raise InvalidValue("send_report", False, "results.destination is set but nothing to send "
+                                                     "(send_report and send_montage are both false)")
+        if not self.tls:
+            for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+                if getattr(self, key):
+                    raise InvalidValue(key, getattr(self, key), "needs results.tls = true")
+        self.tls_context()  # a typo in the TLS files is a start-up error, never a silently plain connection
+        return self
+
+
 class HttpSettings(Section):
     """The web view, ``/health`` and ``/metrics`` (:mod:`qc_daemon.web`): off unless enabled, loopback unless told."""
 
@@ -278,8 +421,14 @@ class Settings(Section):
     assembly: AssemblySettings = AssemblySettings()
     scoring: ScoringSettings = ScoringSettings()
     alerts: AlertSettings = AlertSettings()
+    results: ResultsSettings = ResultsSettings()
     http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @property
+    def node_name(self) -> str:
+        """``storage.node_name``, else this host's name and the configured DICOM port (``mr-room-3:11112``)."""
+        return self.storage.node_name or f"{socket.gethostname()}:{self.dicom.port}"
 
 
 def load_settings(path: Path | None = None) -> Settings:

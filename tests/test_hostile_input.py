@@ -374,3 +374,42 @@ def test_receiving_to_disk_answers_as_from_memory_and_keeps_a_large_instance_out
         assert dcmread(spooled, stop_before_pixels=True).file_meta.SourceApplicationEntityTitle == "BIG_SCU"
     finally:
         _config.STORE_RECV_CHUNKED_DATASET = False  # pynetdicom's switch is process-wide: back to the default
+
+
+def test_odd_patient_values_never_reach_the_log_when_a_series_is_read(tmp_path):
+    """pydicom quotes a value it doubts in its warning (and its logger): reading a series and judging it (the
+    phantom check reads the patient name and ID) must not emit one, to the log or to stderr (the journal)."""
+    import subprocess
+    import sys
+
+    from dicom_factory import write_series
+    from pydicom import config
+
+    datasets = classic_series(phantom((16, 16, 4)))
+    with config.disable_value_validation():
+        for ds in datasets:
+            ds.PatientName, ds.PatientID, ds.PatientBirthDate = "NAME\x02CTRL^X", "ID\x01CTRL", "19991399"
+    paths = write_series(datasets, tmp_path / "s")
+    child = f"""
+import datetime as dt, sys
+from pathlib import Path
+from qc_daemon.logs import configure_logging
+from qc_daemon.settings import LoggingSettings
+configure_logging(LoggingSettings(format="json", level="debug"), stream=sys.stdout)
+from qc_daemon.series import classify, read_series, series_facts
+paths = [Path(p) for p in {[str(p) for p in paths]!r}]
+series = read_series("1.2.3", paths)
+print("modality=" + series_facts(series, len(paths), dt.datetime(2024, 1, 1)).modality)
+for ds in series.datasets:
+    str(ds.PatientName), str(ds.PatientID), str(ds.PatientBirthDate)
+try:
+    classify(series, min_slices=2, phantom_keywords=["phantom"])
+except Exception as exc:
+    print(type(exc).__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "modality=MR" in done.stdout.splitlines()
+    for secret in ("CTRL", "19991399"):
+        assert secret not in done.stdout + done.stderr

@@ -61,8 +61,8 @@ def test_a_release_0_1_0_database_is_upgraded_with_every_row_kept(tmp_path):
     assert _rows(path, "SELECT version FROM schema_version") == [(1,)]
 
     store = Store(f"sqlite:///{path}")
-    assert store.revision == head_revision() == "0003"
-    assert _rows(path, "SELECT version_num FROM alembic_version") == [("0003",)]
+    assert store.revision == head_revision() == "0004"
+    assert _rows(path, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
     tables = inspect(store.engine).get_table_names()
     assert "schema_version" not in tables  # alembic_version records the schema from 0002 on
     old_columns = [c[1] for c in _rows(RELEASE_0_1_0_DB, "PRAGMA table_info(series_results)")]
@@ -72,6 +72,7 @@ def test_a_release_0_1_0_database_is_upgraded_with_every_row_kept(tmp_path):
     assert _rows(path, f"SELECT {', '.join(TIMING_COLUMNS)} FROM series_results") == [(None, None)] * 4
     findings = "iqms, iqm_errors, quality_map_path, montage_path"
     assert _rows(path, f"SELECT {findings} FROM series_results") == [(None, None, None, None)] * 4
+    assert _rows(path, "SELECT node_name FROM series_results") == [(None,)] * 4  # recorded before nodes were
 
     with store.session() as session:  # the models read the old rows
         scored = history(session, status=SeriesStatus.SCORED)
@@ -93,7 +94,7 @@ def test_reopening_an_upgraded_database_changes_nothing(tmp_path):
     Store(f"sqlite:///{path}").close()
     schema = _schema_sql(path)
     store = Store(f"sqlite:///{path}")
-    assert migrate(store.engine) == "0003"
+    assert migrate(store.engine) == head_revision()
     store.close()
     assert _schema_sql(path) == schema
 
@@ -143,7 +144,7 @@ def test_downgrade_to_0001_and_back_keeps_the_rows(tmp_path):
     assert columns.isdisjoint(TIMING_COLUMNS)
     assert _rows(path, "SELECT version FROM schema_version") == [(1,)]  # release 0.1.0 would open it as its own
     store = Store(f"sqlite:///{path}")
-    assert store.revision == "0003"
+    assert store.revision == head_revision()
     store.close()
     assert _rows(path, kept) == before
     assert _rows(path, "SELECT count(*) FROM alerts") == [(2,)]
@@ -154,4 +155,13 @@ def test_an_unknown_schema_version_is_refused(tmp_path):
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE schema_version SET version = 7")
     with pytest.raises(SchemaError, match="schema_version = 7"):
+        Store(f"sqlite:///{path}")
+
+
+def test_a_database_from_a_newer_release_is_refused_by_name(tmp_path):
+    path = tmp_path / "qc.sqlite3"
+    Store(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0099'")
+    with pytest.raises(SchemaError, match="at revision 0099, newer than this release knows"):
         Store(f"sqlite:///{path}")

@@ -2,7 +2,8 @@
 
 Orthanc runs on loopback as a subprocess with the daemon registered as the DICOM modality "qcdaemon" (from
 deploy/orthanc/qc-daemon.json): a series uploaded over REST is routed to the daemon by hand (REST store), by
-the auto-routing Lua script from deploy/orthanc/, and Orthanc C-ECHOes the daemon.
+the auto-routing Lua script from deploy/orthanc/, and Orthanc C-ECHOes the daemon. With [results] pointing at
+Orthanc's DICOM port, the SR and montage come back into the study, and a study routed back is not rescored.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from dicom_factory import classic_series, phantom
+from dcmtk_tools import dcmtk_tool
+from dicom_factory import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, classic_series, phantom, tissue_phantom
 from pydicom.filebase import DicomBytesIO
+from pydicom.uid import EnhancedSRStorage, SecondaryCaptureImageStorage
 
-from qc_daemon.store import FINAL_STATUSES, SeriesStatus, revisions
+from qc_daemon.store import FINAL_STATUSES, SeriesStatus, alerts_for, revisions
 
 pytestmark = pytest.mark.orthanc
 
@@ -47,10 +50,11 @@ def _free_port() -> int:
 
 
 class Orthanc:
-    def __init__(self, process: subprocess.Popen, http_port: int, log_path: Path):
+    def __init__(self, process: subprocess.Popen, http_port: int, log_path: Path, dicom_port: int):
         self.process = process
         self.url = f"http://127.0.0.1:{http_port}"
         self.log_path = log_path
+        self.dicom_port = dicom_port
 
     def request(self, method: str, path: str, body: bytes | str | dict | None = None, timeout: float = 60):
         if isinstance(body, dict):
@@ -63,6 +67,10 @@ class Orthanc:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             raw = response.read()
         return json.loads(raw) if raw else None
+
+    def file(self, instance_id: str) -> bytes:
+        with urllib.request.urlopen(f"{self.url}/instances/{instance_id}/file", timeout=60) as response:
+            return response.read()
 
     def upload(self, datasets) -> str:
         """POST each instance to /instances; returns the Orthanc ID of their series."""
@@ -89,10 +97,11 @@ class Orthanc:
 
 @pytest.fixture
 def orthanc_factory(tmp_path):
-    """start(daemon_port, lua=False): an Orthanc on loopback with the daemon as modality "qcdaemon"."""
+    """start(daemon_port, lua=False, dicom_port=None): an Orthanc on loopback with the daemon as modality
+    "qcdaemon", storing only from known modalities (DicomAlwaysAllowStore false) on ``dicom_port`` (None: any)."""
     started: list[Orthanc] = []
 
-    def start(daemon_port: int, lua: bool = False) -> Orthanc:
+    def start(daemon_port: int, lua: bool = False, dicom_port: int | None = None) -> Orthanc:
         root = tmp_path / f"orthanc{len(started)}"
         root.mkdir()
         http_port = _free_port()
@@ -107,8 +116,10 @@ def orthanc_factory(tmp_path):
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomAet": "ORTHANC",
-            # Orthanc only sends here (SCU); its own DICOM port is on a free port and unused.
-            "DicomPort": _free_port(),
+            # Orthanc sends series to the daemon; its own DICOM port takes the daemon's results, from known
+            # modalities only (the "qcdaemon" entry must allow it).
+            "DicomPort": dicom_port or _free_port(),
+            "DicomAlwaysAllowStore": False,
             "DicomModalities": modalities,
             "StableAge": 2,
             "LuaScripts": [str(LUA)] if lua else [],
@@ -128,7 +139,7 @@ def orthanc_factory(tmp_path):
                 [ORTHANC, str(config_path)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=root,
             )
-        orthanc = Orthanc(process, http_port, log_path)
+        orthanc = Orthanc(process, http_port, log_path, config["DicomPort"])
         started.append(orthanc)
         deadline = time.monotonic() + 60
         while True:
@@ -231,3 +242,74 @@ def test_orthanc_echoes_the_daemon(daemon_factory, orthanc_factory):
     orthanc.request("PUT", "/modalities/wrongaet", {"AET": "NOT_QC_DAEMON", "Host": "127.0.0.1", "Port": daemon.port})
     with pytest.raises(urllib.error.HTTPError):
         orthanc.request("POST", "/modalities/wrongaet/echo", {})
+
+
+def _outbox(daemon, uid: str) -> dict[str, object]:
+    with daemon.store.session() as session:
+        (row,) = revisions(session, uid)
+        return {a.channel.value: a for a in alerts_for(session, row.id)}
+
+
+def _wait(condition, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
+
+
+def test_results_land_in_the_study_and_a_study_routed_back_is_not_rescored(daemon_factory, orthanc_factory,
+                                                                            tmp_path, log_stream):
+    orthanc_dicom_port = _free_port()
+    daemon = daemon_factory(scoring={"threads": 1}, results={
+        "destination": f"ORTHANC@127.0.0.1:{orthanc_dicom_port}", "retry_initial_s": 0.5, "retry_max_s": 2.0})
+    orthanc = orthanc_factory(daemon.port, dicom_port=orthanc_dicom_port)
+    series = classic_series(tissue_phantom((48, 48, 20)))
+    uid = str(series[0].SeriesInstanceUID)
+    series_id = orthanc.upload(series)
+    study_id = orthanc.request("GET", f"/series/{series_id}")["ParentStudy"]
+
+    orthanc.request("POST", "/modalities/qcdaemon/store", {"Resources": [series_id], "Synchronous": True})
+    delivered = _wait(lambda: bool(_rows(daemon, uid))
+                      and {a.state.value for a in _outbox(daemon, uid).values()} == {"delivered"}, timeout_s=120)
+    assert delivered, f"{ {c: (a.state, a.last_error) for c, a in _outbox(daemon, uid).items()} }\n{orthanc.log_tail()}"
+    outbox = _outbox(daemon, uid)
+
+    # In Orthanc: the MR series, and one SR and one SC instance, all in the one study.
+    in_study = {s["MainDicomTags"]["Modality"]: s for s in orthanc.request("GET", f"/studies/{study_id}/series")}
+    assert sorted(in_study) == ["MR", "OT", "SR"]
+    sent = {}
+    for modality in ("SR", "OT"):
+        (instance_id,) = in_study[modality]["Instances"]
+        tags = orthanc.request("GET", f"/instances/{instance_id}/simplified-tags")
+        sent[tags["SOPClassUID"]] = (tags["SOPInstanceUID"], instance_id)
+        assert tags["StudyInstanceUID"] == str(series[0].StudyInstanceUID)
+        assert tags["PatientID"] == str(series[0].PatientID)  # filed under the patient of the scored series
+    assert sent[EnhancedSRStorage][0] == outbox["pacs_report"].payload["sop_instance_uid"]
+    assert sent[SecondaryCaptureImageStorage][0] == outbox["pacs_montage"].payload["sop_instance_uid"]
+    dsrdump = dcmtk_tool("dsrdump")
+    if dsrdump is not None:  # DCMTK reads the SR as Orthanc stored it
+        report = tmp_path / "report.dcm"
+        report.write_bytes(orthanc.file(sent[EnhancedSRStorage][1]))
+        done = subprocess.run([dsrdump, str(report)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "Imaging Measurement Report" in done.stdout and "Learned image quality score" in done.stdout
+
+    # Orthanc routes the whole study back: the T1 instances are duplicates, the SR and SC our own results.
+    answer = orthanc.request("POST", "/modalities/qcdaemon/store", {"Resources": [study_id], "Synchronous": True})
+    assert answer["InstancesCount"] == 22 and answer["FailedInstancesCount"] == 0, answer
+    own = {outbox["pacs_report"].payload["result_series_instance_uid"]: "SR",
+           outbox["pacs_montage"].payload["result_series_instance_uid"]: "SC"}
+    for result_uid, kind in own.items():
+        rows = _wait_final_row(daemon, result_uid, timeout_s=60)
+        assert [(r.status, r.reason.split(":")[0]) for r in rows] == [(SeriesStatus.SKIPPED,
+                                                                        f"own result (qc-daemon {kind})")]
+        assert _outbox(daemon, result_uid) == {}  # skipped: no results of the results
+    assert daemon.wait_idle(60)
+    assert [r.revision for r in _rows(daemon, uid)] == [1]  # the T1 got no new revision
+    assert daemon.results.deliver_due() == 0
+    assert {c: a.attempts for c, a in _outbox(daemon, uid).items()} == {"pacs_report": 1, "pacs_montage": 1}
+    in_study = orthanc.request("GET", f"/studies/{study_id}/series")
+    assert sorted(len(s["Instances"]) for s in in_study) == [1, 1, 20]  # nothing was sent again
+    logs = log_stream.getvalue()
+    for secret in (PATIENT_NAME, PATIENT_ID, BIRTH_DATE):
+        assert secret not in logs

@@ -268,7 +268,7 @@ def test_a_series_hit_by_a_locked_database_is_retried_without_a_restart(tmp_path
         while len(retries()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         first, second = retries()[:2]
-        assert first["series_instance_uid"] == uid and "database is locked" in first["exception"]
+        assert first["series_instance_uid"] == uid and "database is locked" in first["error"]
         assert (first["failures"], second["failures"]) == (1, 2)
         assert second["retry_in_s"] == 2 * first["retry_in_s"]
         assert _rows(daemon, uid) == []  # nothing recorded while locked
@@ -281,3 +281,45 @@ def test_a_series_hit_by_a_locked_database_is_retried_without_a_restart(tmp_path
         assert (row.revision, row.status, row.instances) == (1, SeriesStatus.SCORED, 20)
     finally:
         daemon.stop()
+
+
+def test_findings_wait_out_a_short_database_outage(tmp_path, log_stream, monkeypatch):
+    """The score is committed; then the store refuses writes for a moment (another connection holds the write
+    lock) just as the IQMs and montage are stored: their commit is tried again and they are not lost."""
+    import threading
+
+    from qc_daemon import pipeline
+
+    settings = make_settings(tmp_path, assembly={"quiet_period_s": 0.1})
+    database = settings.storage.state_dir / "qc.sqlite3"
+    lockers = []
+    real_compute_findings = pipeline.compute_findings
+
+    def compute_then_lock(*args, **kwargs):
+        findings = real_compute_findings(*args, **kwargs)
+        locker = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+        lockers.append(locker)
+        locker.execute("BEGIN EXCLUSIVE")
+        threading.Timer(1.5, lambda: locker.execute("ROLLBACK")).start()
+        return findings
+
+    monkeypatch.setattr(pipeline, "compute_findings", compute_then_lock)
+    daemon = Daemon(settings, tick_s=0.05, store_busy_timeout_s=0.2)
+    daemon.start()
+    try:
+        series = classic_series(phantom((40, 40, 20)))
+        uid = str(series[0].SeriesInstanceUID)
+        assert send_datasets(series, daemon.port) == [0] * 20
+        deadline = time.monotonic() + 60
+        while not (_rows(daemon, uid) and _rows(daemon, uid)[0].iqms) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (row,) = _rows(daemon, uid)
+        assert row.status is SeriesStatus.SCORED and row.iqms and row.montage_path
+        events = [json.loads(line) for line in log_stream.getvalue().splitlines()]
+        outage = [e for e in events if e.get("event") == "database_unavailable"]
+        assert [e["component"] for e in outage] == ["findings"]
+        assert not [e for e in events if e.get("event") == "findings_not_stored"]
+    finally:
+        daemon.stop()
+        for locker in lockers:
+            locker.close()

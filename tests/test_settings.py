@@ -49,6 +49,9 @@ def test_partial_config_keeps_other_defaults(tmp_path):
         ({"assembly": {"quiet_period_s": -1}}, "assembly.quiet_period_s = -1"),
         ({"logging": {"level": "loud"}}, "logging.level = 'loud'"),
         ({"alerts": {"exec_command": "/bin/true"}}, "alerts.exec_command = '/bin/true'"),
+        ({"storage": {"database_url": "postgress://qc:pw@db/qc"}}, "storage.database_url = 'postgress://qc:***@db/qc'"),
+        ({"storage": {"database_url": "qc:pw at db"}}, "storage.database_url = '(not shown: it may hold a password)'"),
+        ({"storage": {"node_name": "n" * 129}}, "storage.node_name"),
     ],
 )
 def test_bad_values_name_key_and_value(raw, named):
@@ -93,3 +96,20 @@ def test_check_config_loads_the_bundled_model(tmp_path, capsys):
     assert main(["--config", str(path), "check-config"]) == 0
     out = capsys.readouterr().out
     assert '"architecture": "hysnet-' in out
+
+
+def test_node_name_defaults_to_host_and_dicom_port():
+    import socket
+
+    assert settings_from_dict({"dicom": {"port": 104}}).node_name == f"{socket.gethostname()}:104"
+    assert settings_from_dict({"storage": {"node_name": "mr-room-1"}}).node_name == "mr-room-1"
+
+
+def test_check_config_shows_the_database_url_without_its_password(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[storage]\nstate_dir = "{tmp_path}"\nnode_name = "mr-room-1"\n'
+                    'database_url = "postgresql://qc:s3cret@db.example.org/qc"\n')
+    assert main(["--config", str(path), "check-config"]) == 0
+    out = capsys.readouterr().out
+    assert '"database": "postgresql+psycopg://qc:***@db.example.org/qc"' in out and "s3cret" not in out
+    assert '"node_name": "mr-room-1"' in out

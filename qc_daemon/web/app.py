@@ -25,11 +25,12 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from qc_daemon.iqms import IQM_NAMES
-from qc_daemon.logs import get_logger
 from qc_daemon.metrics import DaemonMetrics
 from qc_daemon.settings import HttpSettings
 from qc_daemon.status import DaemonStatus
 from qc_daemon.store import (
+    ALERT_CHANNELS,
+    RESULT_CHANNELS,
     SeriesStatus,
     Store,
     alerts_for,
@@ -45,7 +46,6 @@ from qc_daemon.web.charts import Sample, score_chart, trend_chart, value_range
 from qc_daemon.web.feed import LOOKBACK, LiveFeed, row_view
 from qc_daemon.web.security import AccessGuard, SecurityHeaders
 
-log = get_logger(__name__)
 HERE = Path(__file__).parent
 LATEST_ROWS = 50
 TREND_ROWS = 5000
@@ -96,9 +96,11 @@ def create_app(view: WebView, settings: HttpSettings) -> Starlette:
             rows = revisions(session, uid)
             if not rows:
                 raise HTTPException(404, "no such series")
-            shown = [{**row_view(row), "patches": _patch_summary(row.patch_scores),
+            shown = [{**row_view(row), **_finding_urls(view.results_dir, row),
+                      "patches": _patch_summary(row.patch_scores),
                       "iqm_rows": _iqm_rows(row.iqms, row.iqm_errors),
-                      "alerts": [_alert_view(a) for a in alerts_for(session, row.id)]} for row in rows]
+                      "alerts": [_alert_view(a) for a in alerts_for(session, row.id, ALERT_CHANNELS)],
+                      "pacs": [_alert_view(a) for a in alerts_for(session, row.id, RESULT_CHANNELS)]} for row in rows]
         return templates.TemplateResponse(request, "series.html", {
             "uid": uid, "revisions": shown, "threshold": view.status().threshold})
 
@@ -154,8 +156,10 @@ def create_app(view: WebView, settings: HttpSettings) -> Starlette:
             ping(view.store)
             database = True
         except SQLAlchemyError as exc:
-            log.warning("health_database_unavailable", error=str(exc)[:200])
+            view.store.availability.failed(exc, "health")  # logged once per outage, not per probe
             database = False
+        else:
+            view.store.availability.answered()
         failing = [name for name, ok in checks.items() if not ok]
         body = {
             # 503 only when instances cannot be accepted; without the database the spool still holds the work
@@ -193,7 +197,7 @@ async def _event_stream(view: WebView, feed: LiveFeed) -> AsyncIterator[str]:
         try:
             rows = await anyio.to_thread.run_sync(feed.poll)
         except SQLAlchemyError as exc:
-            log.warning("live_feed_store_unavailable", error=str(exc)[:200])
+            view.store.availability.failed(exc, "live_feed")  # logged once per outage, not per poll
             rows = []
         for row in rows:
             yield f"id: {row['changed_at']}\nevent: result\ndata: {json.dumps(row)}\n\n"
@@ -215,8 +219,17 @@ def _status_view(status: DaemonStatus) -> dict:
 
 
 def _alert_view(alert) -> dict:
+    """One outbox row: an alert delivery, or a result sent to PACS (with the SOP Instance UID it carries)."""
     return {"channel": alert.channel.value, "state": alert.state.value, "attempts": alert.attempts,
-            "last_error": alert.last_error, "created_at": alert.created_at, "delivered_at": alert.delivered_at}
+            "last_error": alert.last_error, "created_at": alert.created_at, "delivered_at": alert.delivered_at,
+            "sop_instance_uid": (alert.payload or {}).get("sop_instance_uid")}
+
+
+def _finding_urls(results_dir: Path, row) -> dict:
+    """No link to a montage or quality map this daemon cannot serve: removed by retention, or written by another
+    node sharing the database (the files stay on the node that recorded the revision)."""
+    return {key: None for key, column in (("montage_url", "montage_path"), ("quality_map_url", "quality_map_path"))
+            if _inside(results_dir, getattr(row, column)) is None}
 
 
 def _inside(folder: Path, recorded: str | None) -> Path | None:

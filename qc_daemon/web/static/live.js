@@ -27,7 +27,7 @@
     tr.dataset.key = key;
     tr.append(text("td", when(row)), text("td", row.station_name), text("td", row.series_description),
       text("td", row.status), text("td", row.score == null ? "" : row.score.toFixed(3), "num"),
-      text("td", row.reason));
+      text("td", row.reason), text("td", row.node_name));
     const cell = document.createElement("td");
     cell.append(link(row, "…" + row.series_instance_uid.slice(-16)));
     if (row.revision > 1) cell.append(" r" + row.revision);
