@@ -29,7 +29,7 @@ def _spooled_syntaxes(daemon, series_uid: str) -> set[str]:
 
 
 def _rle_series(folder: Path) -> list[Path]:
-    datasets = classic_series(phantom((64, 64, 40)), spacing_mm=(2.0, 2.0, 2.0))
+    datasets = classic_series(phantom((64, 64, 40)), spacing_mm=(2.0, 2.0, 2.0), images_in_acquisition=True)
     for ds in datasets:
         ds.compress(RLELossless)
     return write_series(datasets, folder)
@@ -54,9 +54,12 @@ def test_jpeg_lossless_series_is_sent_as_stored(daemon_factory, capsys):
 
 
 def test_two_transfer_syntaxes_in_one_folder(daemon_factory, tmp_path, capsys):
-    plain = write_series(classic_series(phantom((64, 64, 40)), spacing_mm=(2.0, 2.0, 2.0)), tmp_path / "plain")
+    plain = write_series(classic_series(phantom((64, 64, 40)), spacing_mm=(2.0, 2.0, 2.0), images_in_acquisition=True),
+                         tmp_path / "plain")
     rle = _rle_series(tmp_path / "sub" / "rle")
-    daemon = daemon_factory()
+    # Complete on the announced count, the quiet period only a fallback: on a loaded machine the sender, in this
+    # process, can pause longer than a short quiet period mid-series (a series split in two revisions).
+    daemon = daemon_factory(assembly={"quiet_period_s": 10.0, "min_slices": 16})
 
     assert main(["send", str(tmp_path), "-r", "--port", str(daemon.port)]) == 0
 
