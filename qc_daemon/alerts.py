@@ -87,21 +87,33 @@ def run_exec_hook(argv: tuple[str, ...], payload: dict, timeout_s: float) -> Non
         raise DeliveryError(f"exit status {done.returncode}: {done.stderr.decode(errors='replace')[:200]}")
 
 
-class AlertDispatcher:
-    def __init__(self, store: Store, settings: AlertSettings, poll_s: float = 1.0):
+class OutboxWorker:
+    """A thread that delivers due outbox rows: :meth:`deliver_due` at once when woken (a new row), else every
+    ``poll_s``. A database error ends a pass and is reported to the store's availability (an outage is logged
+    once); any other error is logged and the next pass comes as usual. Subclasses say whether they have
+    anything to deliver (:meth:`enabled`) and how (:meth:`deliver_due`)."""
+
+    component = "outbox"  # names the thread and the part that reports an outage
+
+    def __init__(self, store: Store, poll_s: float = 1.0):
         self.store = store
-        self.settings = settings
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="qc-alerts", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"qc-{self.component}", daemon=True)
+
+    def enabled(self) -> bool:
+        raise NotImplementedError
+
+    def deliver_due(self, now: dt.datetime | None = None) -> int:
+        raise NotImplementedError
 
     def start(self) -> None:
-        if enabled_channels(self.settings):
+        if self.enabled():
             self._thread.start()
 
     def wake(self) -> None:
-        """A new alert is in the outbox: deliver now rather than at the next poll."""
+        """A new row is in the outbox: deliver now rather than at the next poll."""
         self._wake.set()
 
     def stop(self) -> None:
@@ -115,13 +127,24 @@ class AlertDispatcher:
             try:
                 self.deliver_due()
             except SQLAlchemyError as exc:  # locked or away: logged once per outage, tried again next poll
-                self.store.availability.failed(exc, "alerts")
-            except Exception:  # noqa: BLE001 - the dispatcher must outlive a bug in one delivery
-                log.exception("alert_dispatch_error")
+                self.store.availability.failed(exc, self.component)
+            except Exception:  # noqa: BLE001 - the thread must outlive a bug in one delivery
+                log.exception("outbox_dispatch_error", component=self.component)
             else:
                 self.store.availability.answered()
             self._wake.wait(self.poll_s)
             self._wake.clear()
+
+
+class AlertDispatcher(OutboxWorker):
+    component = "alerts"
+
+    def __init__(self, store: Store, settings: AlertSettings, poll_s: float = 1.0):
+        super().__init__(store, poll_s)
+        self.settings = settings
+
+    def enabled(self) -> bool:
+        return bool(enabled_channels(self.settings))
 
     def deliver_due(self, now: dt.datetime | None = None) -> int:
         """Try every due alert once; returns how many were delivered.

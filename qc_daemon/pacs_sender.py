@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from qc_daemon.alerts import backoff_s
+from qc_daemon.alerts import OutboxWorker, backoff_s
 from qc_daemon.logs import get_logger
 from qc_daemon.pacs_report import BuiltResult, ResultBuildError, ResultKind
 from qc_daemon.settings import Destination, ResultsSettings
@@ -145,8 +143,10 @@ def send_instance(
     return classify_status(status)
 
 
-class ResultSender:
-    """The delivery thread for results to PACS, like :class:`qc_daemon.alerts.AlertDispatcher`."""
+class ResultSender(OutboxWorker):
+    """The delivery thread for results to PACS, beside :class:`qc_daemon.alerts.AlertDispatcher`."""
+
+    component = "results"
 
     def __init__(
         self,
@@ -156,43 +156,15 @@ class ResultSender:
         node_name: str | None = None,
         poll_s: float = 1.0,
     ):
-        self.store = store
+        super().__init__(store, poll_s)
         self.node_name = node_name  # sends only the results this node recorded: their files are on its disk
         self.settings = settings
         self.calling_ae_title = settings.calling_ae_title or calling_ae_title
         self.channels = result_channels(settings)
-        self.poll_s = poll_s
         self._tls = settings.tls_context()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="qc-results", daemon=True)
 
-    def start(self) -> None:
-        if self.channels:
-            self._thread.start()
-
-    def wake(self) -> None:
-        """New results are in the outbox: send now rather than at the next poll."""
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.deliver_due()
-            except SQLAlchemyError as exc:  # locked or away: logged once per outage, tried again next poll
-                self.store.availability.failed(exc, "results")
-            except Exception:  # noqa: BLE001 - the sender must outlive a bug in one delivery
-                log.exception("result_dispatch_error")
-            else:
-                self.store.availability.answered()
-            self._wake.wait(self.poll_s)
-            self._wake.clear()
+    def enabled(self) -> bool:
+        return bool(self.channels)
 
     def deliver_due(self, now: dt.datetime | None = None) -> int:
         """Try every due result once, longest due first (each claimed first, so no two senders store it at
