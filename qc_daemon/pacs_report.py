@@ -237,6 +237,22 @@ def _evidence(datasets: Sequence[Dataset], ref: Dataset) -> list[Dataset]:
     return evidence
 
 
+def _our_object(facts: ResultFacts, kind: ResultKind, series_number: int, title: str) -> dict:
+    """The arguments every object we build shares: its UIDs (derived from the result), our identity (the marker
+    :func:`own_result_kind` recognises) and its series description."""
+    return {
+        "series_instance_uid": result_uid(facts, kind, "series"),
+        "series_number": series_number,
+        "sop_instance_uid": result_uid(facts, kind, "instance"),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": MODEL_NAME,
+        "software_versions": software_version(),
+        "series_description": _description(title, facts),
+        "transfer_syntax_uid": TRANSFER_SYNTAX,
+    }
+
+
 def _description(prefix: str, facts: ResultFacts) -> str:
     return f"{prefix} {facts.series_description or ''}".strip()[:64]
 
@@ -292,17 +308,9 @@ def build_report(datasets: Sequence[Dataset], facts: ResultFacts) -> hd.sr.Enhan
     return hd.sr.EnhancedSR(
         evidence=_evidence(datasets, ref),
         content=report,
-        series_instance_uid=result_uid(facts, ResultKind.REPORT, "series"),
-        series_number=REPORT_SERIES_NUMBER,
-        sop_instance_uid=result_uid(facts, ResultKind.REPORT, "instance"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=software_version(),
-        series_description=_description("QC report", facts),
         is_complete=True,  # not final: a late instance opens a new revision, which gets a report of its own
         coding_schemes=[CodingSchemeIdentificationItem(designator=CODING_SCHEME, name="qc-daemon codes")],
-        transfer_syntax_uid=TRANSFER_SYNTAX,
+        **_our_object(facts, ResultKind.REPORT, REPORT_SERIES_NUMBER, "QC report"),
     )
 
 
@@ -325,15 +333,7 @@ def build_montage(source: Dataset, png: Path, facts: ResultFacts) -> hd.sc.SCIma
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         patient_orientation=("L", "P"),  # required by highdicom; emptied below (several planes, no one orientation)
-        series_instance_uid=result_uid(facts, ResultKind.MONTAGE, "series"),
-        series_number=MONTAGE_SERIES_NUMBER,
-        sop_instance_uid=result_uid(facts, ResultKind.MONTAGE, "instance"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=software_version(),
-        series_description=_description("QC montage", facts),
-        transfer_syntax_uid=TRANSFER_SYNTAX,
+        **_our_object(facts, ResultKind.MONTAGE, MONTAGE_SERIES_NUMBER, "QC montage"),
     )
     image.PatientOrientation = None  # type 2: present, empty
     image.BurnedInAnnotation = "YES"  # verdict, score, threshold, UIDs, station, series description, date
