@@ -155,3 +155,38 @@ def test_reacquisition_identity_and_thick_slices(volume):
             assert all(b >= a for a, b in itertools.pairwise(d.curve)), d.curve  # tissue order kept
     # a 2 mm scan is never "re-acquired" at 2.5 mm slices: too close to what it already is
     assert all(d.thick_axis < 0 for d in (draw_acquisition(s, (2.0, 2.0, 2.0)) for s in range(40)) if d.thick_mm < 3.0)
+
+
+def test_phase_error_ghost_has_the_asked_amplitude_in_quadrature(volume):
+    """An N/2 ghost from a phase error: outside the head the ghost is ``amplitude`` times the image (its copy half
+    a field of view away), inside the head image and ghost add in quadrature, unlike an amplitude error."""
+    n = volume.shape[1]
+    half = np.zeros_like(volume)
+    half[:, : n // 2 - 6] = volume[:, : n // 2 - 6]  # a head that leaves its N/2 copy's place empty
+    params = {"axis": 1, "period": 2, "amplitude": 0.3}
+    phase = artifacts.apply_params(half, SPACING, "ghosting", {**params, "phase_error": True})
+    amplitude = artifacts.apply_params(half, SPACING, "ghosting", params)
+    shifted = np.roll(half, n // 2, axis=1)
+    ghost_zone = (shifted > 0) & (half == 0)
+    ratio = phase[ghost_zone] / shifted[ghost_zone]
+    image_zone = half > 0
+    image_ratio = phase[image_zone] / half[image_zone]
+    assert np.median(ratio / image_ratio) == pytest.approx(0.3, rel=0.02)
+    assert np.median(image_ratio) == pytest.approx(np.cos(np.arctan(0.3)), rel=0.02)  # the image loses cos(phi/2)
+    assert not np.allclose(phase, amplitude, atol=1e-2 * volume.max())
+    drawn = [artifacts.draw_params("ghosting", 3, seed) for seed in range(60)]
+    assert any(p["phase_error"] for p in drawn) and any(p["period"] == 2 and not p["phase_error"] for p in drawn)
+    assert not any(p["phase_error"] for p in drawn if p["period"] != 2)
+
+
+def test_contrast_curve_strength_blends_with_the_scans_own_contrast(volume):
+    from trainer.acquisition import Acquisition, acquire, draw_acquisition
+
+    flat = (0.0, 0.9, 0.95, 0.97, 0.98, 0.99, 1.0)  # a curve that nearly erases grey/white contrast
+    full, _ = acquire(volume, SPACING, Acquisition(curve=flat))
+    none, _ = acquire(volume, SPACING, Acquisition(curve=flat, curve_strength=0.0))
+    half, _ = acquire(volume, SPACING, Acquisition(curve=flat, curve_strength=0.5))
+    np.testing.assert_allclose(none, volume, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(half, (full + none) / 2, rtol=1e-4, atol=1e-2)
+    strengths = [draw_acquisition(seed, (1.0, 1.0, 1.0)).curve_strength for seed in range(40)]
+    assert min(strengths) >= 0.25 and max(strengths) <= 1.0 and len(set(strengths)) > 10

@@ -204,3 +204,16 @@ def test_physical_kinds_are_anchored_on_their_magnitude():
     # the label (0.999) says "fine"; the magnitude says "repeat": the magnitude decides
     assert target_score(ghost, calibration) == pytest.approx(data.calib_repeat_score)
     assert ScoreCalibration.from_json(calibration.to_json()) == calibration
+
+
+def test_versions_hold_the_configured_clean_count_then_single_kinds_then_mixtures():
+    from trainer.config import DataSection
+    from trainer.data import degraded_versions
+
+    data = DataSection(versions_per_subject=15, clean_versions_per_subject=3, mixtures_per_subject=2)
+    versions = degraded_versions(data, "ds", "01")
+    kinds = [kind for kind, _, _ in versions]
+    assert len(versions) == 15 and kinds[:3] == ["clean"] * 3 and kinds[-2:] == ["mixture"] * 2
+    assert all(k in data.kinds for k in kinds[3:-2]) and len(set(kinds[3:-2])) == len(data.kinds)
+    two = degraded_versions(DataSection(versions_per_subject=14, mixtures_per_subject=2), "ds", "01")
+    assert [k for k, _, _ in two].count("clean") == 2 and len(two) == 14

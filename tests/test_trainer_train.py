@@ -107,6 +107,26 @@ def test_batchnorm_recalibration_runs(tmp_path):
     assert ckpt.train_config["train"]["bn_recalib_batches"] == 2
 
 
+def test_weight_averaging_averages_the_epochs_it_covers(tmp_path):
+    config = tiny_config(tmp_path, epochs=3, average_from_epoch=1, bn_recalib_batches=1)
+    result = train(config)
+    out = Path(config.train.out_dir)
+    assert result == out / "averaged.pt"
+    averaged = load_checkpoint(result)
+    assert averaged.extra["averaged_epochs"] == 2
+    # the average of epochs 1 and 2: re-run the same seeded training to epoch 1, then to epoch 2
+    train(replace(config, train={"epochs": 2, "average_from_epoch": 0, "out_dir": str(tmp_path / "e")}))
+    e1 = load_checkpoint(tmp_path / "e" / "last.pt").state_dict
+    two = load_checkpoint(out / "last.pt").state_dict
+    params = [k for k in e1 if e1[k].is_floating_point() and "running" not in k]
+    assert params
+    for k in params:
+        torch.testing.assert_close(averaged.state_dict[k], (e1[k] + two[k]) / 2, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(e1[k], two[k]) for k in params)  # the two epochs differ, so this is an average
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert last["epoch"] == "average" and "val_l1" in last
+
+
 def test_training_is_seeded(tmp_path):
     a = load_checkpoint(train(tiny_config(tmp_path / "a")))
     b = load_checkpoint(train(tiny_config(tmp_path / "b")))

@@ -8,7 +8,8 @@ artifact, each training version of a clean scan is therefore "re-acquired" with 
 
 * **contrast**: a random monotone intensity curve through the head's intensity percentiles (a generalisation of
   a gamma; tissue classes keep their T1 order, their ratios change: MPRAGE vs SPGR vs TFE vs spin echo,
-  post-contrast scalp and fat);
+  post-contrast scalp and fat), blended with the scan's own contrast (``curve_strength`` 0.25-1: a curve drawn
+  at full strength can flatten grey/white contrast until blur cannot be told from anatomy, which no T1 does);
 * **field of view**: random cropping of each side (tight FOVs, cut-off necks and vertices);
 * **slice thickness**: sometimes (``p_thick``) a thick-slice acquisition along one axis (2.5-5 mm slices,
   slice profile averaged), as 2D clinical T1 series are;
@@ -42,6 +43,7 @@ class Acquisition:
     thick_mm: float = 0.0
     floor_fraction: float = 0.0  # Rician noise floor sigma, fraction of p99
     floor_seed: int = 0
+    curve_strength: float = 1.0  # weight of the random curve against the scan's own contrast
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (lists, not tuples), as it reads back from a manifest."""
@@ -52,7 +54,12 @@ IDENTITY = Acquisition()
 
 
 def draw_acquisition(
-    seed: int, spacing_mm: Sequence[float], p_thick: float = 0.25, p_curve: float = 0.85, p_floor: float = 0.4
+    seed: int,
+    spacing_mm: Sequence[float],
+    p_thick: float = 0.25,
+    p_curve: float = 0.85,
+    p_floor: float = 0.4,
+    min_curve_strength: float = 0.25,
 ) -> Acquisition:
     """The random half: a re-acquisition for a scan of voxel size ``spacing_mm``."""
     rng = np.random.default_rng(seed)
@@ -71,7 +78,9 @@ def draw_acquisition(
         if thickness > 1.5 * float(spacing_mm[axis]):
             thick_axis, thick_mm = axis, round(thickness, 2)
     floor = round(float(rng.uniform(0.005, 0.015)), 4) if rng.random() < p_floor else 0.0
-    return Acquisition(crop, curve, thick_axis, thick_mm, floor, int(rng.integers(0, 2**31 - 1)))
+    floor_seed = int(rng.integers(0, 2**31 - 1))
+    strength = round(float(rng.uniform(min_curve_strength, 1.0)), 3)
+    return Acquisition(crop, curve, thick_axis, thick_mm, floor, floor_seed, strength)
 
 
 def acquire(
@@ -82,7 +91,7 @@ def acquire(
     spacing = tuple(float(s) for s in spacing_mm)
     out = _crop(out, acquisition.crop)
     if acquisition.curve:
-        out = _intensity_curve(out, acquisition.curve)
+        out = _intensity_curve(out, acquisition.curve, acquisition.curve_strength)
     if acquisition.thick_axis >= 0:
         out, spacing = _thick_slices(out, spacing, acquisition.thick_axis, acquisition.thick_mm)
     if acquisition.floor_fraction > 0:
@@ -112,8 +121,9 @@ def _crop(volume: np.ndarray, crop: Sequence[Sequence[float]]) -> np.ndarray:
     return np.ascontiguousarray(volume[tuple(index)])
 
 
-def _intensity_curve(volume: np.ndarray, curve: Sequence[float]) -> np.ndarray:
-    """Piecewise-linear monotone map through the head's intensity percentiles (0 stays 0)."""
+def _intensity_curve(volume: np.ndarray, curve: Sequence[float], strength: float = 1.0) -> np.ndarray:
+    """Piecewise-linear monotone map through the head's intensity percentiles (0 stays 0), ``strength`` of the
+    way from the scan's own levels to ``curve``."""
     top = float(np.percentile(volume, 99.5))
     head = volume[volume > 0.1 * top]
     if head.size == 0 or top <= 0:
@@ -121,7 +131,7 @@ def _intensity_curve(volume: np.ndarray, curve: Sequence[float]) -> np.ndarray:
     knots = np.percentile(head, CURVE_PERCENTILES[1:-1])
     x = np.concatenate([[0.0], knots, [top]])
     x = np.maximum.accumulate(x + np.arange(x.size) * 1e-6 * top)  # strictly increasing
-    y = np.asarray(curve, dtype=np.float64) * top
+    y = strength * np.asarray(curve, dtype=np.float64) * top + (1.0 - strength) * x
     mapped = np.interp(volume, x, y)
     above = volume > top  # keep the bright tail's shape
     mapped[above] = y[-1] * volume[above] / top

@@ -17,7 +17,9 @@ motion     shot-to-shot rigid motion: the phase-encode lines are acquired in sho
            k-space centre is the reference pose, so the image keeps its position and the label measures ghosting
            and blurring, not displacement.
 ghosting   N/k ghosts along the phase-encode axis (k = 2 mostly: the Nyquist ghost; else 3-6): ghost amplitude as %
-           of the image: 0, 3, 7, 12, 20, 30.
+           of the image: 0, 3, 7, 12, 20, 30. Half of the N/2 ghosts come from a phase error on every other line
+           (the ghost in quadrature with the image, as an odd/even line inconsistency makes it), the rest from an
+           amplitude error (in phase).
 spike      one k-space spike (herringbone stripes over the whole image), stripe amplitude as % of the head's
            99th-percentile intensity: 0, 1, 2, 4, 7, 12.
 blur       Gaussian blur, sigma in mm (FWHM = 2.355 sigma): 0, 0.6, 1.0, 1.5, 2.2, 3.0.
@@ -127,7 +129,8 @@ def draw_params(kind: str, severity: int, seed: int, pe_axis: int | None = None)
         }
     if kind == "ghosting":
         period = 2 if rng.random() < 0.7 else int(rng.integers(3, 7))
-        return {"axis": axis, "period": period, "amplitude": round(mag * jitter, 5)}
+        phase_error = period == 2 and bool(rng.random() < 0.5)
+        return {"axis": axis, "period": period, "amplitude": round(mag * jitter, 5), "phase_error": phase_error}
     if kind == "spike":
         position = rng.uniform(0.05, 0.3, size=3) * rng.choice([-1.0, 1.0], size=3)  # fraction of k-space
         return {"position": position.round(4).tolist(), "amplitude": round(mag * jitter, 5)}
@@ -148,6 +151,8 @@ def apply_params(volume: np.ndarray, spacing_mm: Sequence[float], kind: str, par
     if kind == "motion":
         return _motion(volume, spacing, params)
     if kind == "ghosting":
+        if params.get("phase_error"):
+            return _phase_ghosting(volume, int(params["axis"]), float(params["amplitude"]))
         return _ghosting(volume, int(params["axis"]), int(params["period"]), float(params["amplitude"]))
     if kind == "spike":
         return _spike(volume, params["position"], float(params["amplitude"]))
@@ -298,6 +303,19 @@ def _ghosting(volume: np.ndarray, axis: int, period: int, amplitude: float) -> n
     # lines with index % period != 0 lose, those with == 0 gain: the mean (the image) stays, ghosts appear
     k *= np.float32(1.0 - amplitude)
     k[tuple(index)] *= np.float32((1.0 - amplitude + amplitude * period) / (1.0 - amplitude))
+    return np.abs(np.fft.ifftn(k)).astype(np.float32)
+
+
+def _phase_ghosting(volume: np.ndarray, axis: int, amplitude: float) -> np.ndarray:
+    """An N/2 ghost from a phase error phi on every other phase-encode line: the image keeps cos(phi/2) of its
+    amplitude, the ghost (shifted by N/2, in quadrature with the image) gets sin(phi/2); ghost/image = ``amplitude``
+    = tan(phi/2)."""
+    if amplitude == 0.0:
+        return volume.copy()
+    k = np.fft.fftn(volume).astype(np.complex64)
+    index = [slice(None)] * 3
+    index[axis] = slice(1, None, 2)
+    k[tuple(index)] *= np.complex64(np.exp(2j * np.arctan(amplitude)))
     return np.abs(np.fft.ifftn(k)).astype(np.float32)
 
 

@@ -97,14 +97,16 @@ class DataSection(Section):
     patch_step: int = Field(48, ge=1)  # <= patch_size
     # clean source: artifacts are simulated on each scan's native grid (trainer.artifacts), then the daemon's
     # preprocessing makes the model input. versions_per_subject = 0: 1 clean + every kind at every severity
-    # 1..max + mixtures; > 0: that many versions per subject (2 clean, the kinds in turn at random severities,
-    # then mixtures_per_subject mixtures); a dataset with few subjects gets at least min_versions_per_dataset.
+    # 1..max + mixtures; > 0: that many versions per subject (clean_versions_per_subject clean ones, the kinds in
+    # turn at random severities, then mixtures_per_subject mixtures); a dataset with few subjects gets at least
+    # min_versions_per_dataset.
     kinds: tuple[Annotated[str, AfterValidator(_artifact_kind)], ...] = Field(
         ("noise", "motion", "ghosting", "spike", "blur", "bias"), min_length=1
     )
     max_severity: Annotated[int, AfterValidator(_max_severity)] = 5
     mixtures_per_subject: int = Field(4, ge=0)
     versions_per_subject: int = Field(0, ge=0)
+    clean_versions_per_subject: int = Field(2, ge=1)  # each re-acquired differently (versions_per_subject > 0)
     min_versions_per_dataset: int = Field(0, ge=0)
     max_subjects_per_dataset: int = Field(0, ge=0)  # 0 = every subject under each root
     # re-acquire each version of a clean scan first (trainer.acquisition: contrast curve, field of view, thick
@@ -178,6 +180,9 @@ class TrainSection(Section):
     out_dir: str = Field("runs/default", min_length=1)
     resume: bool = True  # continue from out_dir/last.pt when it exists
     init_from: str = ""  # fine-tuning: start from this checkpoint's weights (same model section) instead of random
+    # > 0: average the weights of every epoch from this one on (stochastic weight averaging); the average, its
+    # BatchNorm statistics re-estimated, is validated and written to averaged.pt, which train() then returns
+    average_from_epoch: int = Field(0, ge=0)
     progress: bool = True
 
     @model_validator(mode="after")

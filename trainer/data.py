@@ -142,6 +142,7 @@ def _fingerprint(data: DataSection) -> str:
         "max_severity": data.max_severity,
         "mixtures": data.mixtures_per_subject,
         "versions_per_subject": data.versions_per_subject,
+        "clean_versions_per_subject": data.clean_versions_per_subject,
         "min_versions_per_dataset": data.min_versions_per_dataset,
         "acquisition": data.acquisition,
         "acquisition_design": draw_acquisition(0, (1.0, 1.0, 1.0)).to_dict() if data.acquisition else None,
@@ -188,7 +189,7 @@ def degraded_versions(data: DataSection, dataset: str, subject: str, n_versions:
     """The versions made for one subject: (kind, severity, [(kind, severity, seed), ...]) with fixed seeds.
 
     ``n_versions`` (else ``data.versions_per_subject``) = 0: one clean version, every kind at every severity,
-    then the mixtures. > 0: two clean versions (each re-acquired differently), the kinds in a seeded order at
+    then the mixtures. > 0: ``clean_versions_per_subject`` clean versions (each re-acquired differently), the kinds in a seeded order at
     random severities, and the last ``mixtures_per_subject`` versions mixtures.
     """
     n_versions = n_versions or data.versions_per_subject
@@ -201,10 +202,11 @@ def degraded_versions(data: DataSection, dataset: str, subject: str, n_versions:
         n_mixtures = data.mixtures_per_subject
     else:
         rng = np.random.default_rng(_seed(dataset, subject, "versions"))
-        n_mixtures = min(data.mixtures_per_subject, max(0, n_versions - 3))
-        versions += [("clean", 0, []), ("clean", 0, [])]
+        n_clean = min(data.clean_versions_per_subject, n_versions)
+        n_mixtures = min(data.mixtures_per_subject, max(0, n_versions - n_clean - 1))
+        versions += [("clean", 0, [])] * n_clean
         order = list(rng.permutation(len(data.kinds)))
-        for i in range(n_versions - 2 - n_mixtures):
+        for i in range(n_versions - n_clean - n_mixtures):
             kind = data.kinds[int(order[i % len(order)])]
             severity = int(rng.integers(1, data.max_severity + 1))
             versions.append((kind, severity, [(kind, severity, _seed(dataset, subject, kind, severity, i))]))

@@ -13,6 +13,11 @@
    validation pass using the daemon's test-time patching (mean of patch scores per
    volume); ``last.pt`` is always written (with the optimizer state, for ``resume``), ``best.pt`` when the
    validation L1 improves (the last epoch's when there is no validation set).
+6. With ``average_from_epoch`` the weights of every epoch from that one on are averaged (stochastic weight
+   averaging, kept in ``average-running.pt`` for ``resume``); after the last epoch the average gets its own
+   BatchNorm statistics and a validation pass and is written to ``averaged.pt``. On this small, noisy data one
+   epoch's weights swing from one validation to the next; their average does not depend on which epoch happened
+   to validate best on four subjects of the training sites.
 """
 
 from __future__ import annotations
@@ -239,6 +244,22 @@ def train(config: TrainConfig, config_path: str | None = None) -> Path:
         model.load_state_dict(init.state_dict)
         print(f"initialised from {t.init_from}", flush=True)
 
+    averaged, n_averaged = None, 0
+    if t.average_from_epoch:
+        averaged = build_model(model_config, seed=t.seed).to(device)
+        running = out / "average-running.pt"
+        if t.resume and start_epoch and running.exists():
+            ckpt = load_checkpoint(running)
+            averaged.load_state_dict(ckpt.state_dict)
+            n_averaged = int(ckpt.extra["n_averaged"])
+
+    def validate(net: HySNet) -> dict[str, float]:
+        if not val_items:
+            return {}
+        pred = predict_items(net, val_items, config, device)
+        target = np.array([target_score(item, calibration) for item in val_items])
+        return {"val_l1": float(np.mean(np.abs(pred - target))), "val_srocc": srocc(pred, target), "val_plcc": plcc(pred, target)}
+
     # --- epochs
     for epoch in range(start_epoch, t.epochs):
         lr = lr_at(epoch, t.lr, t.lr_halve_every)
@@ -295,12 +316,7 @@ def train(config: TrainConfig, config_path: str | None = None) -> Path:
             recalibrate_batchnorm(
                 model, parts["train"], config, calibration, device, t.bn_recalib_batches, seed=t.seed + epoch
             )
-        if val_items:
-            pred = predict_items(model, val_items, config, device)
-            target = np.array([target_score(item, calibration) for item in val_items])
-            record.update(
-                val_l1=float(np.mean(np.abs(pred - target))), val_srocc=srocc(pred, target), val_plcc=plcc(pred, target)
-            )
+        record.update(validate(model))
         history.append(record)
         print(json.dumps(record), flush=True)
         with open(out / "log.jsonl", "a") as log:
@@ -320,4 +336,23 @@ def train(config: TrainConfig, config_path: str | None = None) -> Path:
             meta,
             extra={"epoch": epoch, "best": best, "history": history, "optimizer": optimizer.state_dict()},
         )
-    return out / "best.pt"
+        if averaged is not None and epoch >= t.average_from_epoch:
+            n_averaged += 1
+            with torch.no_grad():
+                for mine, theirs in zip(averaged.parameters(), model.parameters(), strict=True):
+                    mine += (theirs.detach() - mine) / n_averaged
+            save_checkpoint(
+                out / "average-running.pt", averaged, model_config, train_config, meta, extra={"n_averaged": n_averaged}
+            )
+    if averaged is None or not n_averaged:
+        return out / "best.pt"
+    recalibrate_batchnorm(
+        averaged, parts["train"], config, calibration, device, t.bn_recalib_batches or 30, seed=t.seed + 104729
+    )
+    record = {"epoch": "average", "averaged_epochs": n_averaged, "from_epoch": t.average_from_epoch}
+    record.update(validate(averaged))
+    print(json.dumps(record), flush=True)
+    with open(out / "log.jsonl", "a") as log:
+        log.write(json.dumps(record) + "\n")
+    extra = {"epoch": t.epochs - 1, "averaged_epochs": n_averaged, "history": history + [record]}
+    return save_checkpoint(out / "averaged.pt", averaged, model_config, train_config, meta, extra=extra)
