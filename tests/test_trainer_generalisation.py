@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 
 from trainer.artifacts import REPEAT_SEVERITY
@@ -38,3 +40,21 @@ def test_false_alarms_and_missed_detections_are_counted():
     # AUC clean vs severe: pairs (0.4, 0.45) lost, (0.4, 0.7) lost, (0.9, 0.45) won, (0.9, 0.7) won
     assert report["pooled"][f"auc_sev{SEVERE}"].value == 0.5
     assert math.isnan(report["pooled"]["auc_sev1"].value)  # no scan at severity 1
+
+
+def test_clean_variants_keep_the_head_and_describe_their_grid():
+    from qc_daemon.volume import Volume
+    from trainer.generalisation import clean_variants
+
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in (60, 52, 40)], indexing="ij"))
+    data = np.where(np.sqrt((grid**2).sum(axis=0)) < 0.6, 800.0, 0.0).astype(np.float32)
+    affine = np.diag([1.0, 1.0, 1.2, 1.0])
+    variants = dict(clean_variants(Volume(data, (1.0, 1.0, 1.2), affine)))
+    assert list(variants) == ["as acquired", "1.3x coarser voxels", "background floor 1 %", "tight field of view"]
+    coarse = variants["1.3x coarser voxels"]
+    assert np.allclose(np.asarray(coarse.spacing_mm) * coarse.data.shape, np.asarray((1.0, 1.0, 1.2)) * data.shape)
+    assert np.allclose(np.abs(np.diag(coarse.affine)[:3]), coarse.spacing_mm)
+    floor = variants["background floor 1 %"].data
+    assert floor[0, 0, 0] > 0 and abs(float(floor[30, 26, 20]) - 800) < 50  # noise in the air, the head kept
+    tight = variants["tight field of view"].data
+    assert tight.shape < data.shape and tight.sum() == pytest.approx(data.sum())  # only air was cut

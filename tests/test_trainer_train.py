@@ -127,6 +127,31 @@ def test_weight_averaging_averages_the_epochs_it_covers(tmp_path):
     assert last["epoch"] == "average" and "val_l1" in last
 
 
+def _write_toml(config: TrainConfig, path: Path) -> Path:
+    lines = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_train_command_runs_stages_in_turn(tmp_path, capsys):
+    """``--config stage1 stage2``: one command; stage 2 starts from stage 1's result, written only by then."""
+    from trainer.__main__ import main
+
+    first = tiny_config(tmp_path, epochs=2, average_from_epoch=1, bn_recalib_batches=1)
+    second = replace(
+        first, train={"init_from": str(tmp_path / "run" / "averaged.pt"), "out_dir": str(tmp_path / "stage2"), "epochs": 1}
+    )
+    paths = [_write_toml(first, tmp_path / "one.toml"), _write_toml(second, tmp_path / "two.toml")]
+    assert main(["train", "--config", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "initialised from" in out and str(tmp_path / "stage2" / "best.pt") in out
+    assert load_checkpoint(tmp_path / "stage2" / "best.pt").train_config["config_path"] == str(paths[1])
+    assert main(["train", "--config", *map(str, paths), "--epochs", "3"]) == 2  # overrides: one config only
+
+
 def test_training_is_seeded(tmp_path):
     a = load_checkpoint(train(tiny_config(tmp_path / "a")))
     b = load_checkpoint(train(tiny_config(tmp_path / "b")))

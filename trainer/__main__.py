@@ -15,9 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
 
     p = sub.add_parser("train", help="train a model (builds the cache first if needed)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--epochs", type=int, help="override train.epochs")
-    p.add_argument("--out-dir", help="override train.out_dir")
+    p.add_argument(
+        "--config",
+        required=True,
+        nargs="+",
+        help="one config, or stages run in turn (a later stage's train.init_from names an earlier one's result)",
+    )
+    p.add_argument("--epochs", type=int, help="override train.epochs (one config only)")
+    p.add_argument("--out-dir", help="override train.out_dir (one config only)")
 
     p = sub.add_parser("evaluate", help="test-set metrics with bootstrap CIs as Markdown (+ JSON)")
     p.add_argument("checkpoint")
@@ -74,15 +79,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             from trainer.train import train
 
-            config = load_config(args.config)
             changes = {}
             if args.epochs:
                 changes["epochs"] = args.epochs
             if args.out_dir:
                 changes["out_dir"] = args.out_dir
-            if changes:
-                config = replace(config, train=changes)
-            print(train(config, config_path=args.config))
+            if changes and len(args.config) > 1:
+                raise ConfigError("--epochs and --out-dir apply to a single --config, not to stages")
+            for path in args.config:  # stages: load each only when its turn comes (its init_from must exist)
+                config = load_config(path)
+                if changes:
+                    config = replace(config, train=changes)
+                print(train(config, config_path=path), flush=True)
         elif args.command == "evaluate":
             from trainer.evaluate import evaluate_checkpoint
 

@@ -177,6 +177,29 @@ def to_json(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ observations
 
 
+def clean_variants(volume) -> list[tuple[str, Any]]:
+    """The same clean scan as other sites could deliver it, each of which must not alert: as acquired, with
+    voxels 1.3x coarser (a faster protocol), with a Rician background floor of 1 % of the 99th percentile (a
+    noisier coil), and with a field of view cropped to the head's bounding box (a tight FOV)."""
+    from scipy import ndimage
+
+    from qc_daemon.volume import Volume
+    from trainer.acquisition import _noise_floor, head_box
+
+    data = np.asarray(volume.data, dtype=np.float32)
+    coarse = ndimage.zoom(data, 1 / 1.3, order=1)
+    scale = np.asarray(data.shape, dtype=np.float64) / np.asarray(coarse.shape)
+    affine = np.array(volume.affine, dtype=np.float64)
+    affine[:3, :3] = affine[:3, :3] * scale  # column j = voxel axis j
+    spacing = tuple(float(s * f) for s, f in zip(volume.spacing_mm, scale, strict=True))
+    return [
+        ("as acquired", volume),
+        ("1.3x coarser voxels", Volume(coarse.astype(np.float32), spacing, affine)),
+        ("background floor 1 %", Volume(_noise_floor(data, 0.01, seed=5), volume.spacing_mm, volume.affine)),
+        ("tight field of view", Volume(np.ascontiguousarray(data[head_box(data, margin=2)]), volume.spacing_mm, volume.affine)),
+    ]
+
+
 def observe_volumes(
     scorer,
     volumes: dict[str, Any],
@@ -184,7 +207,8 @@ def observe_volumes(
     seeds: Sequence[int] = (1, 2),
     site_of: Callable[[str], str] = lambda name: name,
 ) -> list[Observation]:
-    """Score each clean volume (a ``qc_daemon.volume.Volume``) and its degraded versions at every severity.
+    """Score each clean volume (a ``qc_daemon.volume.Volume``), its :func:`clean_variants`, and its degraded
+    versions at every severity.
 
     The artifacts are applied on the volume's own grid, along an in-plane phase-encode axis.
     """
@@ -199,7 +223,9 @@ def observe_volumes(
         def score(data: np.ndarray) -> float:
             return scorer.score_volume(Volume(data.astype(np.float32), volume.spacing_mm, volume.affine)).score
 
-        out.append(Observation(site_of(name), name, "clean", 0, score(volume.data)))
+        for _, variant in clean_variants(volume):
+            clean = scorer.score_volume(variant).score
+            out.append(Observation(site_of(name), name, "clean", 0, clean))
         for kind in kinds:
             for severity in range(1, artifacts.MAX_SEVERITY + 1):
                 for seed in seeds:
