@@ -184,7 +184,7 @@ def clean_variants(volume) -> list[tuple[str, Any]]:
     from scipy import ndimage
 
     from qc_daemon.volume import Volume
-    from trainer.acquisition import _noise_floor, head_box
+    from trainer.acquisition import Acquisition, acquire, head_box
 
     data = np.asarray(volume.data, dtype=np.float32)
     coarse = ndimage.zoom(data, 1 / 1.3, order=1)
@@ -195,7 +195,7 @@ def clean_variants(volume) -> list[tuple[str, Any]]:
     return [
         ("as acquired", volume),
         ("1.3x coarser voxels", Volume(coarse.astype(np.float32), spacing, affine)),
-        ("background floor 1 %", Volume(_noise_floor(data, 0.01, seed=5), volume.spacing_mm, volume.affine)),
+        ("background floor 1 %", Volume(acquire(data, volume.spacing_mm, Acquisition(floor_fraction=0.01, floor_seed=5))[0], volume.spacing_mm, volume.affine)),
         ("tight field of view", Volume(np.ascontiguousarray(data[head_box(data, margin=2)]), volume.spacing_mm, volume.affine)),
     ]
 
