@@ -217,3 +217,23 @@ def test_versions_hold_the_configured_clean_count_then_single_kinds_then_mixture
     assert all(k in data.kinds for k in kinds[3:-2]) and len(set(kinds[3:-2])) == len(data.kinds)
     two = degraded_versions(DataSection(versions_per_subject=14, mixtures_per_subject=2), "ds", "01")
     assert [k for k, _, _ in two].count("clean") == 2 and len(two) == 14
+
+
+def test_kind_weights_give_a_kind_more_turns_and_a_new_cache():
+    from trainer.config import ConfigError, DataSection, TrainConfig
+    from trainer.data import _fingerprint, degraded_versions
+
+    plain = DataSection(versions_per_subject=40, mixtures_per_subject=0)
+    weighted = DataSection(versions_per_subject=40, mixtures_per_subject=0, kind_weights={"ghosting": 3})
+    count = lambda data: sum(  # noqa: E731
+        [k for k, _, _ in degraded_versions(data, "ds", str(s))].count("ghosting") for s in range(5)
+    )
+    # 38 single versions per subject in rounds of 6 turns (plain) or 8 turns with 3 for ghosting (weighted)
+    assert count(plain) in range(30, 36) and count(weighted) in range(70, 76)
+    assert _fingerprint(plain) != _fingerprint(weighted)
+    # weights of 1 are no weights: the same versions, the same cache
+    ones = DataSection(versions_per_subject=40, mixtures_per_subject=0, kind_weights={"noise": 1, "blur": 1})
+    assert degraded_versions(plain, "ds", "01") == degraded_versions(ones, "ds", "01")
+    assert _fingerprint(plain) == _fingerprint(ones)
+    with pytest.raises(ConfigError, match="kind_weights"):
+        TrainConfig.from_dict({"data": {"kinds": ["noise"], "kind_weights": {"blur": 2}}})

@@ -103,6 +103,9 @@ class DataSection(Section):
     kinds: tuple[Annotated[str, AfterValidator(_artifact_kind)], ...] = Field(
         ("noise", "motion", "ghosting", "spike", "blur", "bias"), min_length=1
     )
+    # versions_per_subject > 0: how many turns each kind gets among the single-artifact versions (1 when absent);
+    # {ghosting = 3} makes ghosts three times as frequent as each other kind
+    kind_weights: dict[Annotated[str, AfterValidator(_artifact_kind)], Annotated[int, Field(ge=1)]] = {}
     max_severity: Annotated[int, AfterValidator(_max_severity)] = 5
     mixtures_per_subject: int = Field(4, ge=0)
     versions_per_subject: int = Field(0, ge=0)
@@ -148,6 +151,9 @@ class DataSection(Section):
             raise InvalidValue(
                 "calib_moderate_score", self.calib_moderate_score, "expected > data.calib_repeat_score"
             )
+        for kind in self.kind_weights:
+            if kind not in self.kinds:
+                raise InvalidValue("kind_weights", kind, f"expected one of data.kinds {list(self.kinds)}")
         if self.test_fraction + self.val_fraction >= 1.0:
             raise InvalidValue("val_fraction", self.val_fraction, "expected data.test_fraction + val_fraction < 1")
         if self.split is Split.CROSS:

@@ -139,6 +139,8 @@ def _fingerprint(data: DataSection) -> str:
         "source": data.source,
         "spacing_mm": list(data.spacing_mm),
         "kinds": list(data.kinds),
+        # only weights other than 1 (none = every existing cache stays valid)
+        **({"kind_weights": weights} if (weights := {k: w for k, w in data.kind_weights.items() if w != 1}) else {}),
         "max_severity": data.max_severity,
         "mixtures": data.mixtures_per_subject,
         "versions_per_subject": data.versions_per_subject,
@@ -189,8 +191,9 @@ def degraded_versions(data: DataSection, dataset: str, subject: str, n_versions:
     """The versions made for one subject: (kind, severity, [(kind, severity, seed), ...]) with fixed seeds.
 
     ``n_versions`` (else ``data.versions_per_subject``) = 0: one clean version, every kind at every severity,
-    then the mixtures. > 0: ``clean_versions_per_subject`` clean versions (each re-acquired differently), the kinds in a seeded order at
-    random severities, and the last ``mixtures_per_subject`` versions mixtures.
+    then the mixtures. > 0: ``clean_versions_per_subject`` clean versions (each re-acquired differently), the kinds
+    in a seeded order at random severities (each kind ``data.kind_weights`` turns per round, 1 when absent), and the
+    last ``mixtures_per_subject`` versions mixtures.
     """
     n_versions = n_versions or data.versions_per_subject
     versions: list[Version] = []
@@ -205,9 +208,10 @@ def degraded_versions(data: DataSection, dataset: str, subject: str, n_versions:
         n_clean = min(data.clean_versions_per_subject, n_versions)
         n_mixtures = min(data.mixtures_per_subject, max(0, n_versions - n_clean - 1))
         versions += [("clean", 0, [])] * n_clean
-        order = list(rng.permutation(len(data.kinds)))
+        turns = [kind for kind in data.kinds for _ in range(data.kind_weights.get(kind, 1))]
+        order = list(rng.permutation(len(turns)))
         for i in range(n_versions - n_clean - n_mixtures):
-            kind = data.kinds[int(order[i % len(order)])]
+            kind = turns[int(order[i % len(order)])]
             severity = int(rng.integers(1, data.max_severity + 1))
             versions.append((kind, severity, [(kind, severity, _seed(dataset, subject, kind, severity, i))]))
     for m in range(n_mixtures):
