@@ -157,6 +157,27 @@ def test_reacquisition_identity_and_thick_slices(volume):
     assert all(d.thick_axis < 0 for d in (draw_acquisition(s, (2.0, 2.0, 2.0)) for s in range(40)) if d.thick_mm < 3.0)
 
 
+def test_reacquisition_can_put_air_around_the_head(volume):
+    """A field-of-view margin pads with air before anything else, so an N/2 ghost can fall outside the head; no
+    margin keeps the draws (and the manifests of existing caches) as they were."""
+    from trainer.acquisition import Acquisition, acquire, draw_acquisition
+
+    padded, spacing = acquire(volume, (1.0, 1.0, 1.0), Acquisition(margin=((0.0, 0.0), (0.5, 0.5), (0.0, 0.0))))
+    n = volume.shape[1]
+    assert padded.shape == (volume.shape[0], 2 * n, volume.shape[2]) and spacing == (1.0, 1.0, 1.0)
+    np.testing.assert_array_equal(padded[:, n // 2 : n // 2 + n], volume)
+    assert not padded[:, : n // 2].any() and not padded[:, n // 2 + n :].any()
+    ghost = artifacts.apply_params(padded, SPACING, "ghosting", {"axis": 1, "period": 2, "amplitude": 0.3})
+    assert ghost[:, : n // 2].sum() > 0.1 * 0.3 * volume.sum()  # the head's N/2 copy, now partly in the air
+    for seed in range(20):
+        plain, wide = draw_acquisition(seed, (1.0, 1.0, 1.0)), draw_acquisition(seed, (1.0, 1.0, 1.0), max_margin=0.2)
+        assert "margin" not in plain.to_dict() and wide.to_dict()["margin"] == [list(m) for m in wide.margin]
+        assert Acquisition(**{**wide.__dict__, "margin": plain.margin}) == plain  # every other draw unchanged
+        assert all(0.0 <= side <= 0.2 for m in wide.margin for side in m)
+    margins = [draw_acquisition(seed, (1.0, 1.0, 1.0), max_margin=0.2).margin for seed in range(20)]
+    assert any(side > 0 for margin in margins for axis in margin for side in axis)
+
+
 def test_phase_error_ghost_has_the_asked_amplitude_in_quadrature(volume):
     """An N/2 ghost from a phase error: outside the head the ghost is ``amplitude`` times the image (its copy half
     a field of view away), inside the head image and ghost add in quadrature, unlike an amplitude error."""

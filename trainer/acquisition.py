@@ -10,7 +10,9 @@ artifact, each training version of a clean scan is therefore "re-acquired" with 
   a gamma; tissue classes keep their T1 order, their ratios change: MPRAGE vs SPGR vs TFE vs spin echo,
   post-contrast scalp and fat), blended with the scan's own contrast (``curve_strength`` 0.25-1: a curve drawn
   at full strength can flatten grey/white contrast until blur cannot be told from anatomy, which no T1 does);
-* **field of view**: random cropping of each side (tight FOVs, cut-off necks and vertices);
+* **field of view**: sometimes air around the head (``margin``: the source scans are cut to their head box, but a
+  scanner's field of view holds air on most sides, and that is where N/2 and motion ghosts show most), then random
+  cropping of each side (tight FOVs, cut-off necks and vertices);
 * **slice thickness**: sometimes (``p_thick``) a thick-slice acquisition along one axis (2.5-5 mm slices,
   slice profile averaged), as 2D clinical T1 series are;
 * **background noise floor**: sometimes a Rician floor of 0.5-1.5 % of the 99th percentile, so skull-stripped
@@ -31,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 CURVE_PERCENTILES: tuple[float, ...] = (0.0, 20.0, 40.0, 60.0, 80.0, 95.0, 99.5)
+NO_MARGIN: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.0, 0.0), (0.0, 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +47,15 @@ class Acquisition:
     floor_fraction: float = 0.0  # Rician noise floor sigma, fraction of p99
     floor_seed: int = 0
     curve_strength: float = 1.0  # weight of the random curve against the scan's own contrast
+    margin: tuple[tuple[float, float], ...] = NO_MARGIN  # air added to each side, fraction of the extent
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types (lists, not tuples), as it reads back from a manifest."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON types (lists, not tuples), as it reads back from a manifest; no margin is left out (as
+        caches built before margins were drawn record it)."""
+        out = json.loads(json.dumps(dataclasses.asdict(self)))
+        if self.margin == NO_MARGIN:
+            del out["margin"]
+        return out
 
 
 IDENTITY = Acquisition()
@@ -60,8 +68,23 @@ def draw_acquisition(
     p_curve: float = 0.85,
     p_floor: float = 0.4,
     min_curve_strength: float = 0.25,
+    max_margin: float = 0.0,
+    p_margin: float = 0.7,
 ) -> Acquisition:
-    """The random half: a re-acquisition for a scan of voxel size ``spacing_mm``."""
+    """The random half: a re-acquisition for a scan of voxel size ``spacing_mm``.
+
+    ``max_margin`` > 0: on each axis with probability ``p_margin``, air of up to that fraction of the extent on
+    each side (drawn from its own stream, so every other draw is the same as with no margin).
+    """
+    margin = NO_MARGIN
+    if max_margin > 0:
+        pad_rng = np.random.default_rng([seed, 1])
+        margin = tuple(
+            tuple(round(float(v), 3) for v in pad_rng.uniform(0, max_margin, size=2))
+            if pad_rng.random() < p_margin
+            else (0.0, 0.0)
+            for _ in range(3)
+        )
     rng = np.random.default_rng(seed)
     crop = tuple(
         (round(float(rng.uniform(0, 0.12)), 3), round(float(rng.uniform(0, 0.12)), 3)) if rng.random() < 0.5 else (0.0, 0.0)
@@ -80,7 +103,7 @@ def draw_acquisition(
     floor = round(float(rng.uniform(0.005, 0.015)), 4) if rng.random() < p_floor else 0.0
     floor_seed = int(rng.integers(0, 2**31 - 1))
     strength = round(float(rng.uniform(min_curve_strength, 1.0)), 3)
-    return Acquisition(crop, curve, thick_axis, thick_mm, floor, floor_seed, strength)
+    return Acquisition(crop, curve, thick_axis, thick_mm, floor, floor_seed, strength, margin)
 
 
 def acquire(
@@ -89,6 +112,8 @@ def acquire(
     """The deterministic half: the re-acquired volume and its voxel size."""
     out = np.asarray(volume, dtype=np.float32)
     spacing = tuple(float(s) for s in spacing_mm)
+    if acquisition.margin != NO_MARGIN:
+        out = np.pad(out, [(int(round(n * a)), int(round(n * b))) for n, (a, b) in zip(out.shape, acquisition.margin)])
     out = _crop(out, acquisition.crop)
     if acquisition.curve:
         out = _intensity_curve(out, acquisition.curve, acquisition.curve_strength)

@@ -115,6 +115,9 @@ class DataSection(Section):
     # re-acquire each version of a clean scan first (trainer.acquisition: contrast curve, field of view, thick
     # slices, noise floor); its label is computed against the re-acquired clean scan
     acquisition: bool = False
+    # > 0: the re-acquisition puts air of up to this fraction of the head box's extent on each side (most axes)
+    # before anything else, so that ghosts can fall outside the head as in a scanner's field of view
+    fov_margin: float = Field(0.0, ge=0.0, le=1.0)
     workers: int = Field(1, ge=1)  # processes building the cache
     # splits (by subject), see Split; fractions of the subjects
     split: Split = Split.HOLDOUT

@@ -147,7 +147,9 @@ def _fingerprint(data: DataSection) -> str:
         "clean_versions_per_subject": data.clean_versions_per_subject,
         "min_versions_per_dataset": data.min_versions_per_dataset,
         "acquisition": data.acquisition,
-        "acquisition_design": draw_acquisition(0, (1.0, 1.0, 1.0)).to_dict() if data.acquisition else None,
+        "acquisition_design": (
+            draw_acquisition(0, (1.0, 1.0, 1.0), max_margin=data.fov_margin).to_dict() if data.acquisition else None
+        ),
         "severity_table": artifacts.SEVERITY_TABLE,
         # the random half's design: a changed draw_params invalidates the cache
         "artifact_params": {
@@ -236,7 +238,11 @@ def make_version(
     the acquisition.
     """
     rng = np.random.default_rng(seed)
-    acquisition = draw_acquisition(int(rng.integers(0, 2**31 - 1)), spacing_mm) if data.acquisition else IDENTITY
+    acquisition = (
+        draw_acquisition(int(rng.integers(0, 2**31 - 1)), spacing_mm, max_margin=data.fov_margin)
+        if data.acquisition
+        else IDENTITY
+    )
     clean, spacing = acquire(raw, spacing_mm, acquisition)
     in_plane = [a for a in range(3) if a != acquisition.thick_axis]
     pe_axis = int(in_plane[int(rng.integers(0, len(in_plane)))])
