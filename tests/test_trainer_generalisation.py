@@ -58,3 +58,25 @@ def test_clean_variants_keep_the_head_and_describe_their_grid():
     assert floor[0, 0, 0] > 0 and abs(float(floor[30, 26, 20]) - 800) < 50  # noise in the air, the head kept
     tight = variants["tight field of view"].data
     assert tight.shape < data.shape and tight.sum() == pytest.approx(data.sum())  # only air was cut
+
+
+def test_ghost_directions_score_an_n2_ghost_along_each_axis():
+    from qc_daemon.scorer import Scorer
+    from qc_daemon.settings import ScoringSettings
+    from qc_daemon.volume import Volume
+    from trainer import artifacts
+    from trainer.generalisation import ghost_directions, ghost_directions_markdown
+
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in (48, 64, 56)], indexing="ij"))
+    data = np.where(np.sqrt((grid**2).sum(axis=0)) < 0.5, 800.0, 20.0).astype(np.float32)
+    volume = Volume(data, (2.0, 2.0, 2.0), np.diag([2.0, 2.0, 2.0, 1.0]))
+    scorer = Scorer(ScoringSettings())  # the bundled model, run by ONNX Runtime
+    rows = ghost_directions(scorer, {"sphere": volume}, amplitudes=(0.3,))
+    assert [(r["axis"], r["phase_error"]) for r in rows] == [(a, p) for a in range(3) for p in (True, False)]
+    # each row is the daemon's score of that ghost: the same volume scored directly gives the same number
+    params = {"axis": 1, "period": 2, "amplitude": 0.3, "phase_error": False}
+    ghost = artifacts.apply_params(data, (2.0, 2.0, 2.0), "ghosting", params)
+    direct = scorer.score_volume(Volume(ghost, (2.0, 2.0, 2.0), volume.affine))
+    assert rows[3]["scores"] == [pytest.approx(direct.score)]
+    table = ghost_directions_markdown(rows, amplitudes=(0.3,))
+    assert "| sphere | 1 | amplitude | " in table and "30%" in table and table.count("| sphere |") == 6

@@ -234,6 +234,43 @@ def observe_volumes(
     return out
 
 
+GHOST_AMPLITUDES = (0.12, 0.3)  # the repeat level of ghosting, and severe
+
+
+def ghost_directions(scorer, volumes: dict[str, Any], amplitudes: Sequence[float] = GHOST_AMPLITUDES) -> list[dict]:
+    """N/2 ghosts along each voxel axis in turn (phase error and amplitude error, ``trainer.artifacts``), scored:
+    how much the alert depends on where the ghost falls. One row per (volume, axis, error) with the scores at
+    each of ``amplitudes``."""
+    from qc_daemon.volume import Volume
+
+    rows = []
+    for name, volume in volumes.items():
+        spacing = tuple(float(s) for s in volume.spacing_mm)
+        for axis in range(3):
+            for phase_error in (True, False):
+                scores = []
+                for amplitude in amplitudes:
+                    params = {"axis": axis, "period": 2, "amplitude": amplitude, "phase_error": phase_error}
+                    degraded = artifacts.apply_params(volume.data, spacing, "ghosting", params)
+                    scores.append(scorer.score_volume(Volume(degraded, volume.spacing_mm, volume.affine)).score)
+                rows.append({"volume": name, "axis": axis, "phase_error": phase_error, "scores": scores})
+    return rows
+
+
+def ghost_directions_markdown(rows: Sequence[dict], amplitudes: Sequence[float] = GHOST_AMPLITUDES) -> str:
+    levels = " / ".join(f"{a:.0%}" for a in amplitudes)
+    lines = [
+        "#### N/2 ghosts along each voxel axis",
+        "",
+        f"| volume | voxel axis | error | score at {levels} |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        error = "phase" if r["phase_error"] else "amplitude"
+        lines.append(f"| {r['volume']} | {r['axis']} | {error} | {' / '.join(f'{v:.2f}' for v in r['scores'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def observe_items(items, scores: Sequence[float]) -> list[Observation]:
     """Observations from scored cache items (single-artifact and clean versions; mixtures left out)."""
     return [
@@ -277,7 +314,10 @@ def unseen_sites(model: str | Path, out_prefix: str | Path, dicom_root: str | Pa
     )
     plot_alerts(observations, threshold, Path(out_prefix).with_suffix(".png"), f"Unseen sites, {Path(model).name}")
     report = site_report(observations, threshold)
-    return write_report(out_prefix, {f"Unseen sites: {', '.join(UNSEEN_DICOM)} ({Path(model).name})": report})
+    path = write_report(out_prefix, {f"Unseen sites: {', '.join(UNSEEN_DICOM)} ({Path(model).name})": report})
+    with path.open("a") as fh:
+        fh.write("\n" + ghost_directions_markdown(ghost_directions(scorer, volumes)))
+    return path
 
 
 def leave_one_site_out(
