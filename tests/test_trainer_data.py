@@ -235,5 +235,8 @@ def test_kind_weights_give_a_kind_more_turns_and_a_new_cache():
     ones = DataSection(versions_per_subject=40, mixtures_per_subject=0, kind_weights={"noise": 1, "blur": 1})
     assert degraded_versions(plain, "ds", "01") == degraded_versions(ones, "ds", "01")
     assert _fingerprint(plain) == _fingerprint(ones)
+    # air around the head is another cache; none is the same one
+    assert _fingerprint(plain.model_copy(update={"fov_margin": 0.2})) != _fingerprint(plain)
+    assert _fingerprint(plain.model_copy(update={"fov_margin": 0.0})) == _fingerprint(plain)
     with pytest.raises(ConfigError, match="kind_weights"):
         TrainConfig.from_dict({"data": {"kinds": ["noise"], "kind_weights": {"blur": 2}}})

@@ -150,6 +150,7 @@ def _fingerprint(data: DataSection) -> str:
         "acquisition_design": (
             draw_acquisition(0, (1.0, 1.0, 1.0), max_margin=data.fov_margin).to_dict() if data.acquisition else None
         ),
+        **({"fov_margin": data.fov_margin} if data.fov_margin else {}),
         "severity_table": artifacts.SEVERITY_TABLE,
         # the random half's design: a changed draw_params invalidates the cache
         "artifact_params": {
