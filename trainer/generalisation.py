@@ -192,11 +192,13 @@ def clean_variants(volume) -> list[tuple[str, Any]]:
     affine = np.array(volume.affine, dtype=np.float64)
     affine[:3, :3] = affine[:3, :3] * scale  # column j = voxel axis j
     spacing = tuple(float(s * f) for s, f in zip(volume.spacing_mm, scale, strict=True))
+    floor, _ = acquire(data, volume.spacing_mm, Acquisition(floor_fraction=0.01, floor_seed=5))
+    tight = np.ascontiguousarray(data[head_box(data, margin=2)])
     return [
         ("as acquired", volume),
         ("1.3x coarser voxels", Volume(coarse.astype(np.float32), spacing, affine)),
-        ("background floor 1 %", Volume(acquire(data, volume.spacing_mm, Acquisition(floor_fraction=0.01, floor_seed=5))[0], volume.spacing_mm, volume.affine)),
-        ("tight field of view", Volume(np.ascontiguousarray(data[head_box(data, margin=2)]), volume.spacing_mm, volume.affine)),
+        ("background floor 1 %", Volume(floor, volume.spacing_mm, volume.affine)),
+        ("tight field of view", Volume(tight, volume.spacing_mm, volume.affine)),
     ]
 
 
