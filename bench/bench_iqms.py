@@ -47,9 +47,10 @@ def fake_score(volume: Volume, seed: int = 0) -> Score:
     prepared = prepare_volume(volume.data, volume.spacing_mm, MODEL_SPACING_MM, Normalisation(), PATCH_SIZE)
     origins = patch_grid(prepared.shape, PATCH_SIZE, PATCH_STEP)
     scores = list(np.random.default_rng(seed).uniform(0.3, 1.0, len(origins)))
+    mean = float(np.mean(scores))
     return Score(
-        score=float(np.mean(scores)), patch_scores=scores, patch_origins=origins, volume_shape=prepared.shape,
-        patch_size=PATCH_SIZE, model_input=prepared, seconds=0.0, preprocessing_s=0.0,
+        score=mean, model_score=mean, ghost=None, patch_scores=scores, patch_origins=origins,
+        volume_shape=prepared.shape, patch_size=PATCH_SIZE, model_input=prepared, seconds=0.0, preprocessing_s=0.0,
         model_affine=model_grid_affine(volume.affine, volume.data.shape, volume.spacing_mm, MODEL_SPACING_MM,
                                        PATCH_SIZE),
     )

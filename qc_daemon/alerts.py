@@ -20,6 +20,7 @@ import urllib.request
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from qc_daemon.ghost_check import AXIS_DIRECTIONS
 from qc_daemon.logs import get_logger
 from qc_daemon.settings import AlertSettings
 from qc_daemon.store import Alert, AlertChannel, AlertState, SeriesResult, Store, claim_alert, due_alerts, utcnow
@@ -40,6 +41,9 @@ def alert_payload(row: SeriesResult, threshold: float) -> dict:
         "revision": row.revision,
         "score": row.score,
         "threshold": threshold,
+        "model_score": row.model_score,
+        "ghost_ratio": row.ghost_ratio,
+        "ghost_direction": AXIS_DIRECTIONS[row.ghost_axis] if row.ghost_axis is not None else None,
         "station_name": row.station_name,
         "calling_ae": row.calling_ae,
         "series_description": row.series_description,

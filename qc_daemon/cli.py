@@ -349,6 +349,9 @@ def cmd_score(args, settings: Settings) -> int:
         "path": str(path),
         "score": result.score,
         "below_threshold": result.score < settings.alerts.threshold,
+        "model_score": result.model_score,
+        "ghost_ratio": result.ghost.ratio if result.ghost else None,
+        "ghost_direction": result.ghost.direction if result.ghost else None,
         "threshold": settings.alerts.threshold,
         "patches": len(result.patch_scores),
         "seconds": round(result.seconds, 3),
@@ -359,6 +362,9 @@ def cmd_score(args, settings: Settings) -> int:
     else:
         patches = _count(len(result.patch_scores), "patch", "patches")
         print(f"{path}: score {result.score:.3f} ({patches}, {result.seconds:.2f} s)")
+        if result.score < result.model_score and result.ghost is not None:
+            print(f"  lowered from the model's {result.model_score:.3f} by an N/2 ghost of {result.ghost.ratio:.1%} "
+                  f"of the head's signal along {result.ghost.direction}")
     return EXIT_OK
 
 

@@ -106,6 +106,8 @@ class ResultFacts:
     iqms: Mapping[str, float | None]
     model: ModelIdentity
     device_name: str  # the daemon's AE title: names the observing device
+    model_score: float | None = None  # the model's own score, when the ghost check set ``score`` lower or not
+    ghost_ratio: float | None = None  # the N/2 ghost-to-signal ratio (qc_daemon/ghost_check.py), when measured
 
     @property
     def passed(self) -> bool:
@@ -167,7 +169,9 @@ def _code(value: str, meaning: str) -> hd.sr.CodedConcept:
 
 NO_UNITS = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 ARBITRARY_UNITS = hd.sr.CodedConcept(value="[arb'U]", scheme_designator="UCUM", meaning="arbitrary unit")
-SCORE = _code("QC-SCORE", "Learned image quality score (0 to 1, 1 = best)")
+SCORE = _code("QC-SCORE", "Image quality score (0 to 1, 1 = best)")
+MODEL_SCORE = _code("QC-MODEL-SCORE", "Model output before the ghost check (0 to 1)")
+GHOST_RATIO = _code("QC-N2-GHOST", "N/2 ghost-to-signal ratio")
 THRESHOLD = _code("QC-THRESHOLD", "Quality score alert threshold")
 QC_RESULT = _code("QC-RESULT", "Quality control result")
 PASSED = _code("QC-PASSED", "Passed: score at or above the threshold")
@@ -273,6 +277,9 @@ def build_report(datasets: Sequence[Dataset], facts: ResultFacts) -> hd.sr.Enhan
         hd.sr.Measurement(name=SCORE, value=facts.score, unit=NO_UNITS),
         hd.sr.Measurement(name=THRESHOLD, value=facts.threshold, unit=NO_UNITS),
     ]
+    for name, value in ((MODEL_SCORE, facts.model_score), (GHOST_RATIO, facts.ghost_ratio)):
+        if value is not None:
+            measurements.append(hd.sr.Measurement(name=name, value=float(value), unit=NO_UNITS))
     for name, value in facts.iqms.items():
         if value is not None and name in IQM_MEANINGS and np.isfinite(value):
             measurements.append(hd.sr.Measurement(

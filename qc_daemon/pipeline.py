@@ -159,6 +159,9 @@ class SeriesProcessor:
         row.status = SeriesStatus.SCORED
         row.reason = None
         row.score = result.score
+        row.model_score = result.model_score
+        row.ghost_ratio = result.ghost.ratio if result.ghost is not None else None
+        row.ghost_axis = result.ghost.axis if result.ghost is not None else None
         row.patch_scores = result.patch_scores
         row.patch_origins = [list(o) for o in result.patch_origins]
         row.volume_shape = list(result.volume_shape)
@@ -235,6 +238,8 @@ class SeriesProcessor:
             iqms=values.get("iqms") or {},
             model=ModelIdentity(info.architecture, info.sha256, info.label),
             device_name=self.device_name,
+            model_score=row.model_score,
+            ghost_ratio=row.ghost_ratio,
         )
         montage = Path(values["montage_path"]) if values.get("montage_path") else None
         try:
@@ -249,8 +254,8 @@ class SeriesProcessor:
 
     def _log_outcome(self, bound, row: SeriesResult, timings: _Timings) -> None:
         if row.status is SeriesStatus.SCORED:
-            bound.info("series_scored", score=round(row.score, 4), seconds=round(row.scoring_time_s, 2),
-                       **timings.rounded())
+            bound.info("series_scored", score=round(row.score, 4), model_score=round(row.model_score, 4),
+                       ghost_ratio=row.ghost_ratio, seconds=round(row.scoring_time_s, 2), **timings.rounded())
             if row.below_threshold:
                 bound.warning(
                     "alert_raised",

@@ -123,8 +123,17 @@ def prepare_volume(
     patch_size: int,
 ) -> np.ndarray:
     """Resample, normalise and pad a (RAS-oriented) volume: the array that patches are cut from."""
+    return pad_to_min_size(model_grid_volume(volume, spacing_mm, target_mm, normalisation), patch_size,
+                           fill=normalisation.floor)
+
+
+def model_grid_volume(
+    volume: np.ndarray,
+    spacing_mm: tuple[float, float, float],
+    target_mm: tuple[float, float, float],
+    normalisation: Normalisation,
+) -> np.ndarray:
+    """Resample and normalise a (RAS-oriented) volume, not padded: the whole field of view, nothing added."""
     if volume.ndim != 3 or min(volume.shape) < 1:
         raise VolumeError(f"expected a non-empty 3D volume, got shape {volume.shape}")
-    resampled = resample_to_spacing(volume, spacing_mm, target_mm)
-    normalised = normalise(resampled, normalisation)
-    return pad_to_min_size(normalised, patch_size, fill=normalisation.floor)
+    return normalise(resample_to_spacing(volume, spacing_mm, target_mm), normalisation)

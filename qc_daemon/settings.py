@@ -236,6 +236,9 @@ class ScoringSettings(Section):
     batch_size: int = Field(4, ge=1)
     # 0: ONNX Runtime's default (all physical cores).
     threads: int = Field(0, ge=0)
+    # The score is floored by a measured N/2 ghost (qc_daemon/ghost_check.py): the model misses ghosts that land
+    # in the air on scanners it was not trained on. False: the score is the model's alone.
+    ghost_check: bool = True
 
 
 class AlertSettings(Section):

@@ -124,6 +124,12 @@ class SeriesResult(Base):
     status: Mapped[SeriesStatus] = mapped_column(Enum(SeriesStatus, native_enum=False, length=16), index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     score: Mapped[float | None] = mapped_column(Float)
+    # ``score`` is the lower of the model's (``model_score``) and the N/2 ghost check's (qc_daemon/ghost_check.py):
+    # the measured ghost-to-signal ratio and the voxel axis it lies along. Null before revision 0005, and for the
+    # ghost when scoring.ghost_check is off or there is no room beside the head to measure one.
+    model_score: Mapped[float | None] = mapped_column(Float)
+    ghost_ratio: Mapped[float | None] = mapped_column(Float)
+    ghost_axis: Mapped[int | None] = mapped_column(Integer)
     model_sha256: Mapped[str | None] = mapped_column(String(64))
     scoring_time_s: Mapped[float | None] = mapped_column(Float)
     patch_scores: Mapped[list | None] = mapped_column(JSON)
@@ -163,6 +169,9 @@ class SeriesResult(Base):
             "reason": self.reason,
             "score": self.score,
             "alert": self.below_threshold,
+            "model_score": self.model_score,
+            "ghost_ratio": self.ghost_ratio,
+            "ghost_axis": self.ghost_axis,
             "model_sha256": self.model_sha256,
             "scoring_time_s": self.scoring_time_s,
             "nifti_path": self.nifti_path,

@@ -82,18 +82,20 @@ def test_non_diagnostic_scans_alert(scorer, volumes, name, kind):
 
 @pytest.mark.shared_data
 @pytest.mark.parametrize("name", UNSEEN)
-def test_nyquist_ghosts_lower_the_score_as_they_worsen(scorer, volumes, name):
-    """A known gap: N/2 ghosts from a phase error (in quadrature with the head) lower the score monotonically,
-    but not enough: a 30 % ghost scores 0.52-0.58 and a 50 % one 0.57 on the Siemens 2D series, above the
-    threshold (MODEL_CARD.md, Limitations; the previous model alerted at 50 % and had the clean Siemens scan at
-    0.59). This test holds the ordering and a drop of at least 0.15 at 50 %, so a regression shows."""
+def test_nyquist_ghosts_lower_the_score_as_they_worsen_and_a_non_diagnostic_one_alerts(scorer, volumes, name):
+    """N/2 ghosts from a phase error (in quadrature with the head) along the axis tests/degradations.py picks,
+    which on both series puts most of the ghost in the air. The model alone scored a 30 % ghost 0.52-0.58 here
+    (MODEL_CARD.md, "N/2 ghosts by direction"); the ghost check (qc_daemon/ghost_check.py) floors the score."""
     volume = volumes[name]
-    scores = [_score(scorer, volume, volume.data)] + [
-        _score(scorer, volume, degrade(volume.data, "ghosting", level, volume.spacing_mm))
+    results = [scorer.score_volume(volume)] + [
+        scorer.score_volume(Volume(degrade(volume.data, "ghosting", level, volume.spacing_mm), volume.spacing_mm,
+                                   volume.affine))
         for level in (MODERATE["ghosting"], NON_DIAGNOSTIC["ghosting"], 0.5)
     ]
-    assert all(a > b for a, b in zip(scores, scores[1:], strict=False)), scores
-    assert scores[0] - scores[-1] > 0.15, scores  # a 50 % ghost costs at least 0.15
+    scores = [r.score for r in results]
+    assert all(a >= b for a, b in zip(scores, scores[1:], strict=False)) and scores[0] > scores[1], scores
+    assert scores[2] < THRESHOLD, scores  # a 30 % ghost alerts (an 8 % one reads 0.45-0.6: near the threshold)
+    assert results[0].score == results[0].model_score  # the clean scan: the check changes nothing
 
 
 def _noisy_copy(datasets, fraction: float, seed: int = 0):

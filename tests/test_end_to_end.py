@@ -11,6 +11,7 @@ from conftest import send_datasets
 from dicom_factory import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, classic_series, enhanced_series, phantom
 
 from qc_daemon.cli import main
+from qc_daemon.ghost_check import AXIS_DIRECTIONS, GhostMeasure
 from qc_daemon.store import AlertState, SeriesStatus, alerts_for, revisions
 
 
@@ -30,7 +31,9 @@ def test_series_is_scored_and_recorded(daemon_factory, log_stream):
     assert daemon.wait_idle(60)
     (row,) = _rows(daemon, uid)
     assert row.status is SeriesStatus.SCORED, row.reason
-    assert row.score == pytest.approx(min(1.0, max(0.0, float(np.mean(row.patch_scores)))))  # mean of its patches
+    assert row.model_score == pytest.approx(min(1.0, max(0.0, float(np.mean(row.patch_scores)))))  # patches' mean
+    assert row.ghost_ratio is not None and row.ghost_axis in (0, 1, 2)  # the phantom sits in air
+    assert row.score == pytest.approx(min(row.model_score, GhostMeasure(row.ghost_ratio, row.ghost_axis).score))
     assert row.instances == 40
     assert row.calling_ae == "TEST_SCU"
     assert row.station_name == "MR_TEST_1"
@@ -98,6 +101,8 @@ def test_low_score_raises_one_alert_per_revision(daemon_factory, webhook, log_st
     time.sleep(0.2)
     assert [a["series_instance_uid"] for a in received] == [uid]
     assert received[0]["score"] == pytest.approx(row.score)
+    assert received[0]["model_score"] == pytest.approx(row.model_score)
+    assert received[0]["ghost_ratio"] == row.ghost_ratio and received[0]["ghost_direction"] in AXIS_DIRECTIONS
     assert "alert_raised" in log_stream.getvalue()
 
 

@@ -74,6 +74,8 @@ def _facts(series, score=0.42, scored_at=dt.datetime(2024, 5, 6, 7, 8, 9), iqms=
         iqms={"snr_total": 12.5, "cnr": None, "noise_sigma": 3.25} if iqms is None else iqms,
         model=ModelIdentity("hysnet-r18-3d-hyper", "ab" * 32, "motion artefacts"),
         device_name="QC_DAEMON",
+        model_score=0.61,
+        ghost_ratio=0.0825,
     )
 
 
@@ -122,7 +124,8 @@ def test_report_is_a_tid1500_enhanced_sr_in_the_scored_study(tmp_path):
     items = _items(sr.ContentSequence)
     numbers = {i.ConceptNameCodeSequence[0].CodeValue: float(i.MeasuredValueSequence[0].NumericValue)
                for i in items if i.ValueType == "NUM"}
-    assert numbers == {SCORE_CODE: 0.42, "QC-THRESHOLD": 0.5, "SNR-TOTAL": 12.5, "NOISE-SIGMA": 3.25}  # cnr: null
+    assert numbers == {SCORE_CODE: 0.42, "QC-THRESHOLD": 0.5, "QC-MODEL-SCORE": 0.61, "QC-N2-GHOST": 0.0825,
+                       "SNR-TOTAL": 12.5, "NOISE-SIGMA": 3.25}  # cnr: null
     (verdict,) = [i for i in items if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "QC-RESULT"]
     assert verdict.ConceptCodeSequence[0].CodeValue == "QC-BELOW"  # 0.42 < 0.5
     texts = {i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue for i in items if i.ValueType == "TEXT"}
@@ -144,7 +147,7 @@ def test_dcmtk_reads_the_report(tmp_path):
     done = subprocess.run([dsrdump, "-Ec", str(report.path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "Enhanced SR Document" in done.stdout
-    assert '"Learned image quality score (0 to 1, 1 = best)")="0.91"' in done.stdout
+    assert '"Image quality score (0 to 1, 1 = best)")="0.91"' in done.stdout
     assert 'QC-PASSED,99QCD,"Passed: score at or above the threshold"' in done.stdout
     assert "error" not in done.stderr.lower()
 
