@@ -91,6 +91,8 @@ def test_score_nifti_offline(tmp_path, capsys):
 
     expected = Scorer(load_settings(_config(tmp_path)).scoring).score_volume(load_nifti(path))
     assert out["score"] == pytest.approx(expected.score) and out["patches"] == len(expected.patch_scores) >= 1
+    assert out["model_score"] == pytest.approx(expected.model_score)
+    assert out["ghost_ratio"] == expected.ghost.ratio and out["ghost_direction"] == expected.ghost.direction
 
 
 def test_score_dicom_folder_offline_matches_the_daemon(daemon_factory, tmp_path, capsys):
