@@ -49,7 +49,7 @@ def fake_score(volume: Volume, seed: int = 0) -> Score:
     scores = list(np.random.default_rng(seed).uniform(0.3, 1.0, len(origins)))
     mean = float(np.mean(scores))
     return Score(
-        score=mean, model_score=mean, ghost=None, patch_scores=scores, patch_origins=origins,
+        score=mean, model_score=mean, ghost=None, spike=None, patch_scores=scores, patch_origins=origins,
         volume_shape=prepared.shape, patch_size=PATCH_SIZE, model_input=prepared, seconds=0.0, preprocessing_s=0.0,
         model_affine=model_grid_affine(volume.affine, volume.data.shape, volume.spacing_mm, MODEL_SPACING_MM,
                                        PATCH_SIZE),

@@ -44,6 +44,7 @@ def alert_payload(row: SeriesResult, threshold: float) -> dict:
         "model_score": row.model_score,
         "ghost_ratio": row.ghost_ratio,
         "ghost_direction": AXIS_DIRECTIONS[row.ghost_axis] if row.ghost_axis is not None else None,
+        "spike_amplitude": row.spike_amplitude,
         "station_name": row.station_name,
         "calling_ae": row.calling_ae,
         "series_description": row.series_description,

@@ -352,6 +352,7 @@ def cmd_score(args, settings: Settings) -> int:
         "model_score": result.model_score,
         "ghost_ratio": result.ghost.ratio if result.ghost else None,
         "ghost_direction": result.ghost.direction if result.ghost else None,
+        "spike_amplitude": result.spike.amplitude if result.spike else None,
         "threshold": settings.alerts.threshold,
         "patches": len(result.patch_scores),
         "seconds": round(result.seconds, 3),
@@ -362,9 +363,12 @@ def cmd_score(args, settings: Settings) -> int:
     else:
         patches = _count(len(result.patch_scores), "patch", "patches")
         print(f"{path}: score {result.score:.3f} ({patches}, {result.seconds:.2f} s)")
-        if result.score < result.model_score and result.ghost is not None:
+        if result.ghost is not None and result.ghost.score < result.model_score:
             print(f"  lowered from the model's {result.model_score:.3f} by an N/2 ghost of {result.ghost.ratio:.1%} "
                   f"of the head's signal along {result.ghost.direction}")
+        if result.spike is not None and result.spike.score < result.model_score:
+            print(f"  lowered from the model's {result.model_score:.3f} by a k-space spike: stripes of "
+                  f"{result.spike.amplitude:.1%} of the head's p99")
     return EXIT_OK
 
 

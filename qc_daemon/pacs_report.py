@@ -108,6 +108,7 @@ class ResultFacts:
     device_name: str  # the daemon's AE title: names the observing device
     model_score: float | None = None  # the model's own score, when the ghost check set ``score`` lower or not
     ghost_ratio: float | None = None  # the N/2 ghost-to-signal ratio (qc_daemon/ghost_check.py), when measured
+    spike_amplitude: float | None = None  # a k-space spike's stripe amplitude (qc_daemon/spike_check.py), if any
 
     @property
     def passed(self) -> bool:
@@ -172,6 +173,7 @@ ARBITRARY_UNITS = hd.sr.CodedConcept(value="[arb'U]", scheme_designator="UCUM", 
 SCORE = _code("QC-SCORE", "Image quality score (0 to 1, 1 = best)")
 MODEL_SCORE = _code("QC-MODEL-SCORE", "Model output before the ghost check (0 to 1)")
 GHOST_RATIO = _code("QC-N2-GHOST", "N/2 ghost-to-signal ratio")
+SPIKE_AMPLITUDE = _code("QC-SPIKE", "k-space spike stripe amplitude (fraction of p99)")
 THRESHOLD = _code("QC-THRESHOLD", "Quality score alert threshold")
 QC_RESULT = _code("QC-RESULT", "Quality control result")
 PASSED = _code("QC-PASSED", "Passed: score at or above the threshold")
@@ -277,7 +279,8 @@ def build_report(datasets: Sequence[Dataset], facts: ResultFacts) -> hd.sr.Enhan
         hd.sr.Measurement(name=SCORE, value=facts.score, unit=NO_UNITS),
         hd.sr.Measurement(name=THRESHOLD, value=facts.threshold, unit=NO_UNITS),
     ]
-    for name, value in ((MODEL_SCORE, facts.model_score), (GHOST_RATIO, facts.ghost_ratio)):
+    for name, value in ((MODEL_SCORE, facts.model_score), (GHOST_RATIO, facts.ghost_ratio),
+                        (SPIKE_AMPLITUDE, facts.spike_amplitude)):
         if value is not None:
             measurements.append(hd.sr.Measurement(name=name, value=float(value), unit=NO_UNITS))
     for name, value in facts.iqms.items():

@@ -162,6 +162,7 @@ class SeriesProcessor:
         row.model_score = result.model_score
         row.ghost_ratio = result.ghost.ratio if result.ghost is not None else None
         row.ghost_axis = result.ghost.axis if result.ghost is not None else None
+        row.spike_amplitude = result.spike.amplitude if result.spike is not None else None
         row.patch_scores = result.patch_scores
         row.patch_origins = [list(o) for o in result.patch_origins]
         row.volume_shape = list(result.volume_shape)
@@ -240,6 +241,7 @@ class SeriesProcessor:
             device_name=self.device_name,
             model_score=row.model_score,
             ghost_ratio=row.ghost_ratio,
+            spike_amplitude=row.spike_amplitude,
         )
         montage = Path(values["montage_path"]) if values.get("montage_path") else None
         try:
@@ -255,7 +257,7 @@ class SeriesProcessor:
     def _log_outcome(self, bound, row: SeriesResult, timings: _Timings) -> None:
         if row.status is SeriesStatus.SCORED:
             bound.info("series_scored", score=round(row.score, 4), model_score=round(row.model_score, 4),
-                       ghost_ratio=row.ghost_ratio, seconds=round(row.scoring_time_s, 2), **timings.rounded())
+                       ghost_ratio=row.ghost_ratio, spike_amplitude=row.spike_amplitude, seconds=round(row.scoring_time_s, 2), **timings.rounded())
             if row.below_threshold:
                 bound.warning(
                     "alert_raised",

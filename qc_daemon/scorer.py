@@ -22,6 +22,7 @@ from qc_daemon.logs import get_logger
 from qc_daemon.model_contract import INPUT_NAME, OUTPUT_NAME, ContractError, ModelInfo, onnx_weights_sha256
 from qc_daemon.preprocess import extract_patches, model_grid_affine, model_grid_volume, pad_to_min_size, patch_grid
 from qc_daemon.settings import Device, ScoringSettings
+from qc_daemon.spike_check import SpikeMeasure, measure_spike
 from qc_daemon.volume import Volume
 
 log = get_logger(__name__)
@@ -34,9 +35,10 @@ class ModelError(RuntimeError):
 
 @dataclass(frozen=True)
 class Score:
-    score: float  # the lower of model_score and the N/2 ghost check's score (model_score when it is off)
+    score: float  # the lowest of model_score and the checks' scores (model_score when they are off)
     model_score: float  # the mean of the patch scores, clipped to [0, 1]
     ghost: GhostMeasure | None  # None when scoring.ghost_check is off
+    spike: SpikeMeasure | None  # None when scoring.spike_check is off
     patch_scores: list[float]
     patch_origins: list[tuple[int, int, int]]
     volume_shape: tuple[int, int, int]  # after resampling and padding, the frame patch origins refer to
@@ -44,7 +46,7 @@ class Score:
     model_input: np.ndarray  # (X, Y, Z) of volume_shape: the resampled, normalised, padded volume patches come from
     model_affine: np.ndarray  # (4, 4) voxel-to-world of model_input (RAS mm), for the quality map
     seconds: float  # preprocessing and inference together
-    preprocessing_s: float  # resampling, normalisation, padding, ghost check (the rest of ``seconds``: inference)
+    preprocessing_s: float  # resampling, normalisation, padding, checks (the rest of ``seconds``: inference)
 
 
 def bundled_model_path() -> Path:
@@ -108,6 +110,7 @@ class Scorer:
         self.info = read_model_info(self.path)
         self.batch_size = settings.batch_size
         self.ghost_check = settings.ghost_check
+        self.spike_check = settings.spike_check
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if settings.threads:
@@ -170,6 +173,7 @@ class Scorer:
         on_grid = model_grid_volume(volume.data, volume.spacing_mm, info.spacing_mm, info.normalisation)
         prepared = pad_to_min_size(on_grid, info.patch_size, fill=info.normalisation.floor)
         ghost = measure_n2_ghost(on_grid) if self.ghost_check else None  # unpadded: the shift is half the FOV
+        spike = measure_spike(volume.data) if self.spike_check else None  # as acquired: the stripes are fine
         prepared_at = time.perf_counter()
         origins = patch_grid(prepared.shape, info.patch_size, info.patch_step)
         scores: list[float] = []
@@ -182,9 +186,10 @@ class Scorer:
             raise ModelError("the model returned a non-finite score")
         model_score = float(np.clip(np.mean(scores), 0.0, 1.0))
         return Score(
-            score=min(model_score, ghost.score) if ghost is not None else model_score,
+            score=min([model_score] + [check.score for check in (ghost, spike) if check is not None]),
             model_score=model_score,
             ghost=ghost,
+            spike=spike,
             patch_scores=scores,
             patch_origins=origins,
             volume_shape=tuple(int(s) for s in prepared.shape),

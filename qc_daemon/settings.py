@@ -239,6 +239,8 @@ class ScoringSettings(Section):
     # The score is floored by a measured N/2 ghost (qc_daemon/ghost_check.py): the model misses ghosts that land
     # in the air on scanners it was not trained on. False: the score is the model's alone.
     ghost_check: bool = True
+    # The score is floored by a measured k-space spike (qc_daemon/spike_check.py): the model misses the stripes.
+    spike_check: bool = True
 
 
 class AlertSettings(Section):

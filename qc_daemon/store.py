@@ -130,6 +130,9 @@ class SeriesResult(Base):
     model_score: Mapped[float | None] = mapped_column(Float)
     ghost_ratio: Mapped[float | None] = mapped_column(Float)
     ghost_axis: Mapped[int | None] = mapped_column(Integer)
+    # The spike check (qc_daemon/spike_check.py): a k-space spike's stripe amplitude, fraction of the head's p99;
+    # null when none was found (or before revision 0006, or with scoring.spike_check off).
+    spike_amplitude: Mapped[float | None] = mapped_column(Float)
     model_sha256: Mapped[str | None] = mapped_column(String(64))
     scoring_time_s: Mapped[float | None] = mapped_column(Float)
     patch_scores: Mapped[list | None] = mapped_column(JSON)
@@ -172,6 +175,7 @@ class SeriesResult(Base):
             "model_score": self.model_score,
             "ghost_ratio": self.ghost_ratio,
             "ghost_axis": self.ghost_axis,
+            "spike_amplitude": self.spike_amplitude,
             "model_sha256": self.model_sha256,
             "scoring_time_s": self.scoring_time_s,
             "nifti_path": self.nifti_path,

@@ -63,6 +63,15 @@ def nyquist_ghost(data: np.ndarray, amplitude: float, spacing_mm: Sequence[float
     return np.abs(np.fft.ifftn(k * error))
 
 
+def spike(data: np.ndarray, amplitude: float, position: Sequence[float] = (0.13, -0.21, 0.18)) -> np.ndarray:
+    """One corrupted k-space sample at ``position`` (fraction of k-space on each axis): stripes of ``amplitude`` x
+    the p99 across the image."""
+    k = np.fft.fftn(data)
+    where = tuple(int(round(p * n)) % n for p, n in zip(position, data.shape, strict=True))
+    k[where] += amplitude * float(np.percentile(data, 99)) * data.size
+    return np.abs(np.fft.ifftn(k))
+
+
 def degrade(data: np.ndarray, kind: str, level: float, spacing_mm: Sequence[float]) -> np.ndarray:
     """``data`` with the artifact ``kind`` at ``level`` (units as in :data:`NON_DIAGNOSTIC`)."""
     data = np.asarray(data, dtype=np.float64)

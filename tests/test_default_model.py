@@ -98,6 +98,20 @@ def test_nyquist_ghosts_lower_the_score_as_they_worsen_and_a_non_diagnostic_one_
     assert results[0].score == results[0].model_score  # the clean scan: the check changes nothing
 
 
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", UNSEEN)
+def test_a_k_space_spike_at_the_repeat_level_alerts(scorer, volumes, name):
+    """Stripes of 4 % of the p99 (the trainer's repeat level for spikes): the model alone scores them at or above
+    the clean scan (MODEL_CARD.md); the spike check floors the score."""
+    from degradations import spike
+
+    volume = volumes[name]
+    clean = scorer.score_volume(volume)
+    result = scorer.score_volume(Volume(spike(volume.data, 0.04).astype(np.float32), volume.spacing_mm, volume.affine))
+    assert clean.spike.amplitude is None and clean.score == clean.model_score
+    assert result.spike.amplitude is not None and result.score == result.spike.score < THRESHOLD, result.spike
+
+
 def _noisy_copy(datasets, fraction: float, seed: int = 0):
     """The series as a new series (new UIDs) with Rician noise of ``fraction`` x the series' p99 in every voxel
     (stored values; i.i.d. per voxel, so per slice is the same as on the volume)."""

@@ -103,6 +103,7 @@ def test_low_score_raises_one_alert_per_revision(daemon_factory, webhook, log_st
     assert received[0]["score"] == pytest.approx(row.score)
     assert received[0]["model_score"] == pytest.approx(row.model_score)
     assert received[0]["ghost_ratio"] == row.ghost_ratio and received[0]["ghost_direction"] in AXIS_DIRECTIONS
+    assert received[0]["spike_amplitude"] is None is row.spike_amplitude  # no stripes in the phantom
     assert "alert_raised" in log_stream.getvalue()
 
 

@@ -61,7 +61,7 @@ def test_a_release_0_1_0_database_is_upgraded_with_every_row_kept(tmp_path):
     assert _rows(path, "SELECT version FROM schema_version") == [(1,)]
 
     store = Store(f"sqlite:///{path}")
-    assert store.revision == head_revision() == "0005"
+    assert store.revision == head_revision() == "0006"
     assert _rows(path, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
     tables = inspect(store.engine).get_table_names()
     assert "schema_version" not in tables  # alembic_version records the schema from 0002 on

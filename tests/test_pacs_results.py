@@ -76,6 +76,7 @@ def _facts(series, score=0.42, scored_at=dt.datetime(2024, 5, 6, 7, 8, 9), iqms=
         device_name="QC_DAEMON",
         model_score=0.61,
         ghost_ratio=0.0825,
+        spike_amplitude=0.041,
     )
 
 
@@ -125,7 +126,7 @@ def test_report_is_a_tid1500_enhanced_sr_in_the_scored_study(tmp_path):
     numbers = {i.ConceptNameCodeSequence[0].CodeValue: float(i.MeasuredValueSequence[0].NumericValue)
                for i in items if i.ValueType == "NUM"}
     assert numbers == {SCORE_CODE: 0.42, "QC-THRESHOLD": 0.5, "QC-MODEL-SCORE": 0.61, "QC-N2-GHOST": 0.0825,
-                       "SNR-TOTAL": 12.5, "NOISE-SIGMA": 3.25}  # cnr: null
+                       "QC-SPIKE": 0.041, "SNR-TOTAL": 12.5, "NOISE-SIGMA": 3.25}  # cnr: null
     (verdict,) = [i for i in items if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "QC-RESULT"]
     assert verdict.ConceptCodeSequence[0].CodeValue == "QC-BELOW"  # 0.42 < 0.5
     texts = {i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue for i in items if i.ValueType == "TEXT"}

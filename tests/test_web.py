@@ -142,6 +142,7 @@ def test_the_series_page_shows_montage_quality_map_and_iqms_and_serves_only_resu
     assert re.search(r"<dt>Model score</dt><dd>[01]\.[0-9]{3}</dd>", page)
     assert re.search(r"<dt>N/2 ghost</dt><dd>[0-9.]+ % of the head's signal, (left-right|anterior-posterior|superior-"
                      r"inferior)</dd>", page)
+    assert "<dt>k-space spike</dt><dd>none found</dd>" in page
     status, headers, png = _get_bytes(daemon, f"/series/{uid}/1/montage.png")
     assert status == 200 and headers["content-type"] == "image/png" and png.startswith(b"\x89PNG\r\n\x1a\n")
     assert headers["content-disposition"].startswith("inline;")
