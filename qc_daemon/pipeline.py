@@ -257,7 +257,8 @@ class SeriesProcessor:
     def _log_outcome(self, bound, row: SeriesResult, timings: _Timings) -> None:
         if row.status is SeriesStatus.SCORED:
             bound.info("series_scored", score=round(row.score, 4), model_score=round(row.model_score, 4),
-                       ghost_ratio=row.ghost_ratio, spike_amplitude=row.spike_amplitude, seconds=round(row.scoring_time_s, 2), **timings.rounded())
+                       ghost_ratio=row.ghost_ratio, spike_amplitude=row.spike_amplitude,
+                       seconds=round(row.scoring_time_s, 2), **timings.rounded())
             if row.below_threshold:
                 bound.warning(
                     "alert_raised",
