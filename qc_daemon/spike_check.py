@@ -6,9 +6,9 @@ scan), because resampling to the model's 2 mm grid averages stripes finer than 4
 spike is a single point: the magnitude spectrum of the volume as acquired. Every second voxel along each axis is
 kept first (a plane wave stays a plane wave, at a folded frequency; the anatomy's spectrum stays smooth), so the
 FFT costs an eighth. A spike is a spectral peak far above its surroundings: each coefficient over the mean of
-the shell around it (the 9x9x9 cube minus the 3x3x3 core) is its prominence; the low frequencies (the head's own
-spectrum is steep there) and the planes through the centre (the field of view's edges draw lines along them) are
-left out. The most prominent coefficient above :data:`MIN_PROMINENCE` (1.7 times the largest of 72 clean scans of
+the shell around it (the 9x9x9 cube minus the 3x3x3 core) is its prominence; the low frequencies (a box of
+:data:`LOW_FREQUENCY` around the centre: the head's own spectrum is steep there) and the planes through the centre
+(the field of view's edges draw lines along them) are left out. The most prominent coefficient above :data:`MIN_PROMINENCE` (1.7 times the largest of 72 clean scans of
 six sites) is a spike; its stripe amplitude, as a fraction of the head's 99th percentile, is twice the modulus of
 that frequency's Fourier coefficient over the head's voxels alone (in the air a magnitude image may carry the
 stripes or not, depending on how the scanner made it).
@@ -29,7 +29,7 @@ from scipy import fft, ndimage
 from qc_daemon.iqms import IqmError, head_mask
 
 MIN_AXIS_VOXELS = 32  # below this (after decimation) the spectrum is too coarse for a shell around a peak
-LOW_FREQUENCY = 0.04  # cycles per (decimated) voxel: inside this radius the head's own spectrum dominates
+LOW_FREQUENCY = 0.04  # cycles per (decimated) voxel, on every axis: there the head's own spectrum dominates
 MIN_PROMINENCE = 12.0
 # (stripe amplitude, fraction of the head's p99; score): piecewise linear, flat outside
 AMPLITUDE_TO_SCORE: tuple[tuple[float, float], ...] = ((0.009, 1.0), (0.018, 0.65), (0.035, 0.3), (0.07, 0.0))
@@ -60,24 +60,24 @@ def measure_spike(volume: np.ndarray) -> SpikeMeasure:
     v = np.ascontiguousarray(v[:: step[0], :: step[1], :: step[2]])
     if min(v.shape) < MIN_AXIS_VOXELS or not np.all(np.isfinite(v)):
         return SpikeMeasure(None, None, f"volume of shape {volume.shape} is too small or not finite")
-    try:
-        head = head_mask(v)
-    except IqmError as exc:
-        return SpikeMeasure(None, None, f"no head mask: {exc}")
+    if float(v.max()) <= float(v.min()):
+        return SpikeMeasure(None, None, "constant intensities")
     spectrum = np.abs(fft.fftn(v, workers=-1)).astype(np.float32)
     core = ndimage.uniform_filter(spectrum, 3, mode="wrap") * np.float32(27)
     cube = ndimage.uniform_filter(spectrum, 9, mode="wrap") * np.float32(729)
     shell = (cube - core) / np.float32(729 - 27)
     prominence = spectrum / np.maximum(shell, np.float32(1e-30))
-    freqs = [np.abs(fft.fftfreq(n)) for n in v.shape]
-    radius = np.sqrt(freqs[0][:, None, None] ** 2 + freqs[1][None, :, None] ** 2 + freqs[2][None, None, :] ** 2)
-    prominence[radius < LOW_FREQUENCY] = 0
+    low = [np.abs(fft.fftfreq(n)) < LOW_FREQUENCY for n in v.shape]  # a box around the centre (with its wrap)
+    prominence[np.ix_(*low)] = 0
     prominence[0, :, :] = prominence[:, 0, :] = prominence[:, :, 0] = 0
     peak = np.unravel_index(int(np.argmax(prominence)), prominence.shape)
     best = float(prominence[peak])
     if best < MIN_PROMINENCE:
         return SpikeMeasure(round(best, 2), None)
-    inside = np.nonzero(head)
+    try:
+        inside = np.nonzero(head_mask(v))
+    except IqmError as exc:
+        return SpikeMeasure(round(best, 2), None, f"no head mask to read the stripes over: {exc}")
     values = v[inside]
     reference = float(np.percentile(values, 99))
     if reference <= 0:
