@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="the exported .onnx")
     p.add_argument("--out", default="runs/unseen", help="output prefix (.md, .json)")
     p.add_argument("--dicom-root", default="../shared/data/dicom")
+    p.add_argument("--model-only", action="store_true", help="the model's score alone (no ghost and spike checks)")
 
     p = sub.add_parser("loso", help="leave-one-site-out: train without each site, report on it (MD + JSON)")
     p.add_argument("--config", default="trainer/configs/default.toml")
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "unseen":
             from trainer.generalisation import unseen_sites
 
-            print(unseen_sites(args.model, args.out, args.dicom_root).read_text())
+            print(unseen_sites(args.model, args.out, args.dicom_root, checks=not args.model_only).read_text())
         elif args.command == "loso":
             from trainer.generalisation import leave_one_site_out
 

@@ -296,15 +296,18 @@ def write_report(out_prefix: str | Path, sections: dict[str, dict[str, Any]]) ->
 UNSEEN_DICOM = ("philips_elitionx_t1_mprage_3d", "siemens_prisma_t1_2d_sag")
 
 
-def unseen_sites(model: str | Path, out_prefix: str | Path, dicom_root: str | Path, threshold: float = 0.5) -> Path:
+def unseen_sites(
+    model: str | Path, out_prefix: str | Path, dicom_root: str | Path, threshold: float = 0.5, checks: bool = True
+) -> Path:
     """``python -m trainer unseen``: the exported model, through the daemon's scorer, on the shared human DICOM
-    series of two sites no training config uses (Philips Ingenia Elition X 3D T1, Siemens Prisma 2D T1)."""
+    series of two sites no training config uses (Philips Ingenia Elition X 3D T1, Siemens Prisma 2D T1).
+    ``checks``: the daemon's score (the model floored by the ghost and spike checks); False, the model's alone."""
     from qc_daemon.scorer import Scorer
     from qc_daemon.series import classify, read_series
     from qc_daemon.settings import ScoringSettings
     from qc_daemon.volume import build_volume
 
-    scorer = Scorer(ScoringSettings(model_path=str(model), device="cpu"))
+    scorer = Scorer(ScoringSettings(model_path=str(model), device="cpu", ghost_check=checks, spike_check=checks))
     volumes = {}
     for name in UNSEEN_DICOM:
         folder = Path(dicom_root) / name
@@ -316,7 +319,8 @@ def unseen_sites(model: str | Path, out_prefix: str | Path, dicom_root: str | Pa
     )
     plot_alerts(observations, threshold, Path(out_prefix).with_suffix(".png"), f"Unseen sites, {Path(model).name}")
     report = site_report(observations, threshold)
-    path = write_report(out_prefix, {f"Unseen sites: {', '.join(UNSEEN_DICOM)} ({Path(model).name})": report})
+    what = "the daemon's score" if checks else "the model alone"
+    path = write_report(out_prefix, {f"Unseen sites: {', '.join(UNSEEN_DICOM)} ({Path(model).name}, {what})": report})
     with path.open("a") as fh:
         fh.write("\n" + ghost_directions_markdown(ghost_directions(scorer, volumes)))
     return path
