@@ -16,26 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from shared_scans import HUMAN, PHANTOMS, SHARED, dicom_volume, require_shared_data, scan_name, training_scans
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from qc_daemon.ghost_check import measure_n2_ghost
+from qc_daemon.model_contract import Normalisation
+from qc_daemon.preprocess import normalise, resample_to_spacing
+from trainer.data import load_ras
 
-from qc_daemon.cli import _pick_series  # noqa: E402
-from qc_daemon.ghost_check import measure_n2_ghost  # noqa: E402
-from qc_daemon.model_contract import Normalisation  # noqa: E402
-from qc_daemon.preprocess import normalise, resample_to_spacing  # noqa: E402
-from qc_daemon.series import classify, read_series  # noqa: E402
-from qc_daemon.volume import build_volume  # noqa: E402
-from trainer.data import load_ras  # noqa: E402
-
-SHARED = REPO.parent / "shared" / "data"
-HUMAN = ("philips_elitionx_t1_mprage_3d", "siemens_prisma_t1_2d_sag")
-PHANTOMS = ("siemens_xa30_t1_tfl_enhanced_phantom", "siemens_xa30_t1_tfl_jpeglossless_phantom")
 TRAINING_HEADS = ("ds000011/sub-01", "ds000011/sub-07", "ds002748/sub-05", "ds002748/sub-30", "ds002608/sub-001",
                   "studyforrest/sub-01")
 AMPLITUDES = (0.03, 0.05, 0.07, 0.12, 0.2, 0.3)
@@ -43,11 +33,6 @@ AMPLITUDES = (0.03, 0.05, 0.07, 0.12, 0.2, 0.3)
 
 def model_grid(data: np.ndarray, spacing_mm) -> np.ndarray:
     return normalise(resample_to_spacing(data.astype(np.float32), tuple(spacing_mm), (2.0, 2.0, 2.0)), Normalisation())
-
-
-def dicom_volume(name: str):
-    folder = SHARED / "dicom" / name
-    return build_volume(classify(read_series(name, _pick_series(folder, None)), min_slices=5, phantom_keywords=[]))
 
 
 def n2_ghost(data: np.ndarray, amplitude: float, axis: int, phase_error: bool) -> np.ndarray:
@@ -63,13 +48,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--heads", type=int, default=len(TRAINING_HEADS), help="training scans to ghost (0-6)")
     args = parser.parse_args()
-    if not SHARED.is_dir():
-        sys.exit(f"{SHARED} is not here: this benchmark needs the shared data")
+    require_shared_data()
 
     clean = {}
-    for path in sorted((SHARED / "t1w").glob("*/*.nii*")):
+    for path in training_scans():
         data, spacing = load_ras(path)
-        clean[f"{path.parent.name}/{path.name.split('_')[0]}"] = measure_n2_ghost(model_grid(data, spacing)).ratio
+        clean[scan_name(path)] = measure_n2_ghost(model_grid(data, spacing)).ratio
     human = {name: dicom_volume(name) for name in HUMAN}
     for name in (*HUMAN, *PHANTOMS):
         volume = human.get(name) or dicom_volume(name)

@@ -17,30 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from shared_scans import HUMAN, PHANTOMS, dicom_volume, require_shared_data, scan_name, training_scans
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from qc_daemon.cli import _pick_series  # noqa: E402
-from qc_daemon.series import classify, read_series  # noqa: E402
-from qc_daemon.spike_check import measure_spike  # noqa: E402
-from qc_daemon.volume import build_volume  # noqa: E402
-from trainer.artifacts import SEVERITY_TABLE, apply_params  # noqa: E402
-from trainer.data import load_ras  # noqa: E402
-
-SHARED = REPO.parent / "shared" / "data"
-HUMAN = ("philips_elitionx_t1_mprage_3d", "siemens_prisma_t1_2d_sag")
-PHANTOMS = ("siemens_xa30_t1_tfl_enhanced_phantom", "siemens_xa30_t1_tfl_jpeglossless_phantom")
-
-
-def dicom_volume(name: str):
-    folder = SHARED / "dicom" / name
-    return build_volume(classify(read_series(name, _pick_series(folder, None)), min_slices=5, phantom_keywords=[]))
+from qc_daemon.spike_check import measure_spike
+from trainer.artifacts import SEVERITY_TABLE, apply_params
+from trainer.data import load_ras
 
 
 def main() -> None:
@@ -48,13 +32,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8, help="training scans to spike, spread over the sites")
     parser.add_argument("--positions", type=int, default=2, help="random spike positions per severity and head")
     args = parser.parse_args()
-    if not SHARED.is_dir():
-        sys.exit(f"{SHARED} is not here: this benchmark needs the shared data")
+    require_shared_data()
 
     clean = {}
-    training = sorted((SHARED / "t1w").glob("*/*.nii*"))
+    training = training_scans()
     for path in training:
-        clean[f"{path.parent.name}/{path.name.split('_')[0]}"] = measure_spike(load_ras(path)[0]).prominence
+        clean[scan_name(path)] = measure_spike(load_ras(path)[0]).prominence
     human = {name: dicom_volume(name) for name in HUMAN}
     for name in (*HUMAN, *PHANTOMS):
         clean[name] = measure_spike((human.get(name) or dicom_volume(name)).data).prominence
@@ -62,7 +45,7 @@ def main() -> None:
 
     heads = {name: (v.data, v.spacing_mm) for name, v in human.items()}
     for path in training[:: max(1, len(training) // max(1, args.heads))][: args.heads]:
-        heads[f"{path.parent.name}/{path.name.split('_')[0]}"] = load_ras(path)
+        heads[scan_name(path)] = load_ras(path)
     rng = np.random.default_rng(0)
     found: dict[float, list[tuple[float | None, float | None]]] = {a: [] for a in SEVERITY_TABLE["spike"][1:]}
     for name, (data, spacing) in heads.items():
