@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,8 +46,9 @@ class Score:
     patch_size: int
     model_input: np.ndarray  # (X, Y, Z) of volume_shape: the resampled, normalised, padded volume patches come from
     model_affine: np.ndarray  # (4, 4) voxel-to-world of model_input (RAS mm), for the quality map
-    seconds: float  # preprocessing and inference together
-    preprocessing_s: float  # resampling, normalisation, padding, checks (the rest of ``seconds``: inference)
+    seconds: float  # preprocessing, inference and the checks together
+    preprocessing_s: float  # resampling, normalisation, padding (the rest of ``seconds``: inference, and the checks
+    # that run beside it on another thread)
 
 
 def bundled_model_path() -> Path:
@@ -111,6 +113,10 @@ class Scorer:
         self.batch_size = settings.batch_size
         self.ghost_check = settings.ghost_check
         self.spike_check = settings.spike_check
+        # The checks run beside the inference (NumPy, SciPy and ONNX Runtime release the GIL): ~0.1 s less per volume
+        # on 2 cores than one after the other (BENCHMARKS.md).
+        checking = self.ghost_check or self.spike_check
+        self._checks = ThreadPoolExecutor(1, thread_name_prefix="score-checks") if checking else None
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if settings.threads:
@@ -172,8 +178,7 @@ class Scorer:
         info = self.info
         on_grid = model_grid_volume(volume.data, volume.spacing_mm, info.spacing_mm, info.normalisation)
         prepared = pad_to_min_size(on_grid, info.patch_size, fill=info.normalisation.floor)
-        ghost = measure_n2_ghost(on_grid) if self.ghost_check else None  # unpadded: the shift is half the FOV
-        spike = measure_spike(volume.data) if self.spike_check else None  # as acquired: the stripes are fine
+        checks = self._checks.submit(self._run_checks, on_grid, volume.data) if self._checks else None
         prepared_at = time.perf_counter()
         origins = patch_grid(prepared.shape, info.patch_size, info.patch_step)
         scores: list[float] = []
@@ -182,6 +187,7 @@ class Scorer:
             patches = extract_patches(prepared, chunk, info.patch_size)  # (B, 1, P, P, P)
             (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: patches})
             scores.extend(float(v) for v in np.asarray(out).reshape(-1))
+        ghost, spike = checks.result() if checks is not None else (None, None)
         if not all(np.isfinite(scores)):
             raise ModelError("the model returned a non-finite score")
         model_score = float(np.clip(np.mean(scores), 0.0, 1.0))
@@ -201,6 +207,11 @@ class Scorer:
             seconds=time.perf_counter() - started,
             preprocessing_s=prepared_at - started,
         )
+
+    def _run_checks(self, on_grid: np.ndarray, acquired: np.ndarray) -> tuple[GhostMeasure | None, SpikeMeasure | None]:
+        ghost = measure_n2_ghost(on_grid) if self.ghost_check else None  # unpadded: the shift is half the FOV
+        spike = measure_spike(acquired) if self.spike_check else None  # as acquired: the stripes are that fine
+        return ghost, spike
 
     def describe(self) -> dict:
         return {
