@@ -99,6 +99,30 @@ def test_nyquist_ghosts_lower_the_score_as_they_worsen_and_a_non_diagnostic_one_
 
 
 @pytest.mark.shared_data
+def test_score_says_when_the_ghost_check_lowered_the_models_score(volumes, tmp_path, capsys):
+    """`qc-daemon score` on the Philips head with a 30 % superior-inferior ghost, written as NIfTI: the text names
+    the model's own score and the ghost's direction; --json carries both."""
+    import json
+
+    import nibabel as nib
+
+    from qc_daemon.cli import main
+
+    volume = volumes["philips_elitionx_t1_mprage_3d"]
+    ghosted = degrade(volume.data, "ghosting", NON_DIAGNOSTIC["ghosting"], volume.spacing_mm)
+    path = tmp_path / "ghosted.nii.gz"
+    nib.save(nib.Nifti1Image(ghosted, volume.affine), path)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\nstate_dir = "{tmp_path / "state"}"\n')
+    assert main(["--config", str(config), "score", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "lowered from the model's" in text and "along superior-inferior" in text, text
+    assert main(["--config", str(config), "score", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["below_threshold"] and out["score"] < out["model_score"] and out["ghost_direction"] == "superior-inferior"
+
+
+@pytest.mark.shared_data
 @pytest.mark.parametrize("name", UNSEEN)
 def test_a_k_space_spike_at_the_repeat_level_alerts(scorer, volumes, name):
     """Stripes of 4 % of the p99 (the trainer's repeat level for spikes): the model alone scores them at or above
