@@ -119,7 +119,8 @@ def test_score_says_when_the_ghost_check_lowered_the_models_score(volumes, tmp_p
     assert "lowered from the model's" in text and "along superior-inferior" in text, text
     assert main(["--config", str(config), "score", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["below_threshold"] and out["score"] < out["model_score"] and out["ghost_direction"] == "superior-inferior"
+    assert out["below_threshold"] and out["score"] < out["model_score"]
+    assert out["ghost_direction"] == "superior-inferior"
 
 
 @pytest.mark.shared_data
