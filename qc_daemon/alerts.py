@@ -20,7 +20,7 @@ import urllib.request
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from qc_daemon.ghost_check import AXIS_DIRECTIONS
+from qc_daemon.ghost_check import axis_direction
 from qc_daemon.logs import get_logger
 from qc_daemon.settings import AlertSettings
 from qc_daemon.store import Alert, AlertChannel, AlertState, SeriesResult, Store, claim_alert, due_alerts, utcnow
@@ -43,7 +43,7 @@ def alert_payload(row: SeriesResult, threshold: float) -> dict:
         "threshold": threshold,
         "model_score": row.model_score,
         "ghost_ratio": row.ghost_ratio,
-        "ghost_direction": AXIS_DIRECTIONS[row.ghost_axis] if row.ghost_axis is not None else None,
+        "ghost_direction": axis_direction(row.ghost_axis),
         "spike_amplitude": row.spike_amplitude,
         "station_name": row.station_name,
         "calling_ae": row.calling_ae,

@@ -34,6 +34,11 @@ NO_EFFECT_BELOW = 0.03
 RATIO_TO_SCORE: tuple[tuple[float, float], ...] = ((NO_EFFECT_BELOW, 1.0), (0.06, 0.65), (0.10, 0.3), (0.2, 0.0))
 
 
+def axis_direction(axis: int | None) -> str | None:
+    """The anatomical direction of a voxel axis of a RAS+ volume (None for None)."""
+    return AXIS_DIRECTIONS[axis] if axis is not None else None
+
+
 @dataclass(frozen=True)
 class GhostMeasure:
     ratio: float | None  # the largest ghost-to-signal ratio over the axes; None when no axis can be measured
@@ -42,7 +47,7 @@ class GhostMeasure:
 
     @property
     def direction(self) -> str | None:
-        return AXIS_DIRECTIONS[self.axis] if self.axis is not None else None
+        return axis_direction(self.axis)
 
     @property
     def score(self) -> float:

@@ -8,10 +8,11 @@ kept first (a plane wave stays a plane wave, at a folded frequency; the anatomy'
 FFT costs an eighth. A spike is a spectral peak far above its surroundings: each coefficient over the mean of
 the shell around it (the 9x9x9 cube minus the 3x3x3 core) is its prominence; the low frequencies (a box of
 :data:`LOW_FREQUENCY` around the centre: the head's own spectrum is steep there) and the planes through the centre
-(the field of view's edges draw lines along them) are left out. The most prominent coefficient above :data:`MIN_PROMINENCE` (1.7 times the largest of 72 clean scans of
-six sites) is a spike; its stripe amplitude, as a fraction of the head's 99th percentile, is twice the modulus of
-that frequency's Fourier coefficient over the head's voxels alone (in the air a magnitude image may carry the
-stripes or not, depending on how the scanner made it).
+(the field of view's edges draw lines along them) are left out. The most prominent coefficient above
+:data:`MIN_PROMINENCE` (1.6 times the largest of 72 clean scans of six sites) is a spike; its stripe
+amplitude, as a fraction of the head's 99th percentile, is twice the modulus of that frequency's Fourier
+coefficient over the head's voxels alone (in the air a magnitude image may carry the stripes or not, depending on
+how the scanner made it).
 
 The amplitude is mapped onto the trainer's spike severities (`trainer/artifacts.py`: 1, 2, 4, 7, 12 % of the
 p99; 4 % is the level to repeat, trained to 0.3, 2 % to 0.65) through what this measurement reads for them (the

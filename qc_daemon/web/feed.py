@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from qc_daemon.ghost_check import AXIS_DIRECTIONS
+from qc_daemon.ghost_check import axis_direction
 from qc_daemon.store import SeriesResult, Store, changed_at, results_changed_since
 
 LOOKBACK = dt.timedelta(seconds=30)
@@ -19,7 +19,7 @@ def row_view(row: SeriesResult) -> dict:
     view = row.to_dict()
     for key in ("nifti_path", "montage_path", "quality_map_path"):  # the server's file layout is not for the page
         view.pop(key, None)
-    view["ghost_direction"] = AXIS_DIRECTIONS[row.ghost_axis] if row.ghost_axis is not None else None
+    view["ghost_direction"] = axis_direction(row.ghost_axis)
     view["changed_at"] = changed_at(row).isoformat(timespec="milliseconds") + "Z"
     view["url"] = f"/series/{row.series_instance_uid}"
     revision_url = f"{view['url']}/{row.revision}"
