@@ -15,6 +15,7 @@ import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -110,6 +111,7 @@ class Intake:
         sop_instance_uid: str | None,
         calling_ae: str,
         association_id: int | None = None,
+        announce_later: Callable[[Callable[[], None]], None] | None = None,
     ) -> StoreOutcome:
         """Spool one instance received over DIMSE.
 
@@ -118,7 +120,9 @@ class Intake:
         Affected SOP Class/Instance UIDs, which the dataset must repeat; ``calling_ae`` goes into the spooled
         file's meta (Source Application Entity Title); ``association_id`` names the association that delivered
         it. Only the header elements needed here are parsed, after the whole structure has been checked; the
-        bytes are spooled as sent, after a file meta built for them.
+        bytes are spooled as sent, after a file meta built for them. ``announce_later``, when given, gets the
+        announcement of a new instance to the assembler to run later (the listener runs it once the response is
+        sent), instead of running it before this returns.
         """
         with self._counted(NETWORK):
             self._check_size_and_room(len(stream) - start)
@@ -135,7 +139,7 @@ class Intake:
                 with memoryview(stream) as view, view[start:] as body:
                     return self.spool.store(series_uid, sop_uid, head, body)
 
-            return self._store(dataset, write, sop_instance_uid, sop_class_uid, association_id)
+            return self._store(dataset, write, sop_instance_uid, sop_class_uid, association_id, announce_later)
 
     def accept_file(self, path: Path) -> StoreOutcome:
         """Spool one Part 10 file (the drop folder): size checked before reading, structure before parsing."""
@@ -214,6 +218,7 @@ class Intake:
         sop_instance_uid: str | None,
         sop_class_uid: str | None = None,
         association_id: int | None = None,
+        announce_later: Callable[[Callable[[], None]], None] | None = None,
     ) -> StoreOutcome:
         try:
             series_uid = check_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
@@ -241,8 +246,15 @@ class Intake:
         except OSError as exc:
             raise InstanceRejected(StoreStatus.OUT_OF_RESOURCES, f"cannot write to the spool: {exc}") from exc
         if outcome is StoreOutcome.NEW:
-            self.on_arrival(_arrival(dataset, series_uid, sop_uid, association_id))
+            announce = partial(self._announce, dataset, series_uid, sop_uid, association_id)
+            if announce_later is None:
+                announce()
+            else:
+                announce_later(announce)
         return outcome
+
+    def _announce(self, dataset: Dataset, series_uid: str, sop_uid: str, association_id: int | None) -> None:
+        self.on_arrival(_arrival(dataset, series_uid, sop_uid, association_id))
 
 
 def _arrival(dataset: Dataset, series_uid: str, sop_uid: str, association_id: int | None) -> Arrival:

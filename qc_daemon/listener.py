@@ -2,7 +2,9 @@
 
 Handlers are plain functions that get their dependencies as arguments and turn every failure of untrusted
 input into a DIMSE status. C-STORE answers success only after :class:`~qc_daemon.intake.Intake` has the
-instance durably in the spool; nothing slow happens here (assembly and scoring run in workers).
+instance durably in the spool; nothing slow happens here (assembly and scoring run in workers), and telling the
+assembler of the instance waits until the response is sent (:class:`AfterResponse`). The associations run
+:mod:`qc_daemon.pynetdicom_tuning`'s event-driven loops.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import ipaddress
 import mmap
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from pydicom import uid as dcm_uid
@@ -24,6 +28,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from qc_daemon.dicom_bytes import Buffer, dataset_start
 from qc_daemon.intake import InstanceRejected, Intake, StoreStatus
 from qc_daemon.logs import get_logger
+from qc_daemon.pynetdicom_tuning import event_driven_request_handler, install_command_encoder
 from qc_daemon.settings import DicomSettings, SettingsError
 from qc_daemon.spool import StoreOutcome
 
@@ -104,7 +109,35 @@ def _reject(assoc, reason: tuple[int, int, int]) -> None:
     assoc.kill()
 
 
-def handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
+class AfterResponse:
+    """Work each association leaves to be done once its C-STORE response is on the wire.
+
+    Telling the assembler of a new instance (reading its completeness facts, and at the last instance checking the
+    grid and handing the series over) does not change the response, so it runs after it, on pynetdicom's DUL
+    thread (``EVT_PDU_SENT``), while the sender prepares its next instance; what is left at the association's end
+    runs then, before the end is reported. The DUL thread reads the sender's next PDU only after this work, so
+    instances are announced in the order they arrived and before the release that follows them.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: dict[int, list[Callable[[], None]]] = {}
+
+    def defer(self, association_id: int, work: Callable[[], None]) -> None:
+        with self._lock:
+            self._pending.setdefault(association_id, []).append(work)
+
+    def run(self, association_id: int) -> None:
+        with self._lock:
+            pending = self._pending.pop(association_id, ())
+        for work in pending:
+            try:
+                work()
+            except Exception:  # noqa: BLE001 - never end the DUL thread: the instance is spooled, a restart finds it
+                log.exception("after_response_error")
+
+
+def handle_store(event: evt.Event, intake: Intake, after_response: AfterResponse) -> int | Dataset:
     """Spool one instance. The dataset is decoded by the intake after its encoding was checked: never through
     ``event.dataset``, which would parse (and inflate, for the deflated syntax) whatever the peer claims."""
     request = event.request
@@ -120,6 +153,7 @@ def handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
                 sop_instance_uid=sop_uid or None,
                 calling_ae=calling_ae,
                 association_id=id(event.assoc),
+                announce_later=partial(after_response.defer, id(event.assoc)),
             )
     except InstanceRejected as exc:
         log.warning("instance_rejected", calling_ae=calling_ae, status=f"0x{int(exc.status):04X}", reason=exc.reason)
@@ -132,9 +166,15 @@ def handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
     return StoreStatus.SUCCESS
 
 
-def handle_association_end(event: evt.Event, on_end: Callable[[int], None]) -> None:
+def handle_pdu_sent(event: evt.Event, after_response: AfterResponse) -> None:
+    after_response.run(id(event.assoc))
+
+
+def handle_association_end(event: evt.Event, on_end: Callable[[int], None], after_response: AfterResponse) -> None:
     """Tell the assembler an association ended: released (its series may be complete now), or aborted or
-    closed (they wait for the quiet period). Never raises: the association is over either way."""
+    closed (they wait for the quiet period), after the work its last responses left. Never raises: the
+    association is over either way."""
+    after_response.run(id(event.assoc))
     try:
         on_end(id(event.assoc))
     except Exception:  # noqa: BLE001 - a failed early completion leaves the quiet period as the fallback
@@ -222,17 +262,27 @@ def start_listener(
     ae = build_ae(settings)
     ssl_context = build_ssl_context(settings)
     allowed = [ipaddress.ip_network(p, strict=False) for p in settings.allowed_peers]
+    after_response = AfterResponse()
     handlers = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [intake]),
+        (evt.EVT_C_STORE, handle_store, [intake, after_response]),
+        (evt.EVT_PDU_SENT, handle_pdu_sent, [after_response]),
         (evt.EVT_REQUESTED, handle_requested, [allowed, intake]),
-        (evt.EVT_RELEASED, handle_association_end, [on_released]),
-        (evt.EVT_ABORTED, handle_association_end, [on_ended]),
-        (evt.EVT_CONN_CLOSE, handle_association_end, [on_ended]),
+        (evt.EVT_RELEASED, handle_association_end, [on_released, after_response]),
+        (evt.EVT_ABORTED, handle_association_end, [on_ended, after_response]),
+        (evt.EVT_CONN_CLOSE, handle_association_end, [on_ended, after_response]),
     ]
-    server = ae.start_server(
-        (settings.host, settings.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+    install_command_encoder()
+    # ae.start_server(block=False), with the request handler whose associations wait on events, not 1 ms sleeps
+    server = ae.make_server(
+        (settings.host, settings.port),
+        evt_handlers=handlers,
+        ssl_context=ssl_context,
+        server_class=ThreadedAssociationServer,
+        request_handler=event_driven_request_handler(),
     )
+    threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
+    ae._servers.append(server)  # so that ae.shutdown() stops it too, as for start_server's
     log.info(
         "listener_started",
         ae_title=settings.ae_title,
