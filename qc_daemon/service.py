@@ -40,6 +40,7 @@ from qc_daemon.store import BUSY_TIMEOUT_S, Store, awaits_result
 
 log = get_logger(__name__)
 RETENTION_EVERY_S = 3600.0
+SPOOL_FILES_MADE_AHEAD = 64  # empty files kept ready in the spool: a burst of 32 instances never creates one
 RETENTION_RETRY_S = 60.0  # retention postponed by a database outage runs again this soon
 STORE_THREADS = 4  # besides the workers, threads that use the store: the ticker, the alert dispatcher, the
 # results sender, the web view
@@ -171,6 +172,7 @@ class Daemon:
         self._ticker.start()
         self.alerts.start()
         self.results.start()
+        self.spool.make_files_ahead(SPOOL_FILES_MADE_AHEAD)
         self.ae, self.server = start_listener(
             self.settings.dicom,
             self.intake,
@@ -258,6 +260,7 @@ class Daemon:
             self._warm_up.join()
         self.alerts.stop()
         self.results.stop()
+        self.spool.close()
         self.store.close()
         log.info("daemon_stopped")
 

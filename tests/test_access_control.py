@@ -58,7 +58,8 @@ def stored_nothing(daemon) -> bool:
     series_dirs = [p for p in spool.iterdir() if p.name != ".incoming"]
     with daemon.store.session() as session:
         rows = list(history(session))
-    return not series_dirs and not list(daemon.spool.incoming.iterdir()) and not rows
+    nothing_incoming = not any(p.stat().st_size for p in daemon.spool.incoming.iterdir())  # empty: made ahead
+    return not series_dirs and nothing_incoming and not rows
 
 
 def recorded(daemon, series_uid):
