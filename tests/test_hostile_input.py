@@ -56,8 +56,17 @@ class Hostile:
         return self.settings.storage.state_dir
 
     def spool_entries(self) -> set[str]:
-        spool = self.daemon.spool.root
-        return {str(p.relative_to(spool)) for p in spool.rglob("*")}
+        """What the spool holds, but for the empty files it makes ahead (their stock changes on its own)."""
+        spool = self.daemon.spool
+        entries = set()
+        for path in spool.root.rglob("*"):
+            try:
+                if path.parent == spool.incoming and path.stat().st_size == 0:
+                    continue
+            except FileNotFoundError:  # taken for an instance meanwhile
+                continue
+            entries.add(str(path.relative_to(spool.root)))
+        return entries
 
     def rows(self, series_uid: str):
         with self.daemon.store.session() as session:
