@@ -40,8 +40,8 @@ from qc_daemon.store import BUSY_TIMEOUT_S, Store, awaits_result
 
 log = get_logger(__name__)
 RETENTION_EVERY_S = 3600.0
-SPOOL_FILES_MADE_AHEAD = 64  # empty files kept ready in the spool: a burst of 32 instances never creates one
 RETENTION_RETRY_S = 60.0  # retention postponed by a database outage runs again this soon
+SPOOL_FILES_MADE_AHEAD = 64  # empty files kept ready in the spool: a burst of 32 instances never creates one
 STORE_THREADS = 4  # besides the workers, threads that use the store: the ticker, the alert dispatcher, the
 # results sender, the web view
 

@@ -154,7 +154,7 @@ class _EmptyFiles:
 
     def open(self) -> tuple[int, Path]:
         """A file to write one instance into: (descriptor open for writing, path)."""
-        if len(self._ready) <= self.target // 2:
+        if self._thread is not None and len(self._ready) <= self.target // 2:
             self._low.set()
         while True:
             try:

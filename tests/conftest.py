@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -109,6 +110,14 @@ def spool_datasets(spool, datasets) -> str:
         ds.save_as(buffer, enforce_file_format=True)
         spool.store(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), buffer.getvalue())
     return str(datasets[0].SeriesInstanceUID)
+
+
+def wait_until(condition, timeout_s: float = 10.0, poll_s: float = 0.02) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` passed; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    return condition()
 
 
 def shared_data(*parts: str) -> Path:

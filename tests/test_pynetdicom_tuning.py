@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import send_datasets
+from conftest import send_datasets, wait_until
 from dicom_factory import classic_series, phantom
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, dimse, dimse_messages
@@ -138,13 +138,6 @@ def _requestor(port):
     return ae.associate("127.0.0.1", port, ae_title="QC_DAEMON")
 
 
-def _wait_until(condition, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return condition()
-
-
 def test_an_idle_association_waits_instead_of_polling(listener, monkeypatch):
     waits, acceptors = [], []
     original_wait = pynetdicom_tuning.EventDrivenDUL._wait_for_event
@@ -173,7 +166,7 @@ def test_instances_are_stored_and_each_release_is_reported_before_the_close(list
     series = classic_series(phantom((16, 16, 12)))
     for _ in range(3):
         assert send_datasets(series, port) == [0] * len(series)
-    assert _wait_until(lambda: len(ends) == 6)
+    assert wait_until(lambda: len(ends) == 6)
     assert len(intake.stored) == 3 * len(series)
     assert intake.announced == intake.stored  # each once, in the order they arrived
     for number, (released, ended) in enumerate(zip(ends[::2], ends[1::2]), start=1):
@@ -185,8 +178,8 @@ def test_an_idle_association_is_still_closed_at_the_network_timeout(listener):
     port, _, ends, _ = listener(network_timeout_s=0.5)
     assoc = _requestor(port)
     assert assoc.is_established
-    assert _wait_until(lambda: not assoc.is_established, timeout_s=10)
-    assert _wait_until(lambda: ends, timeout_s=5)
+    assert wait_until(lambda: not assoc.is_established, timeout_s=10)
+    assert wait_until(lambda: ends, timeout_s=5)
 
 
 def test_another_pynetdicom_version_runs_pynetdicoms_own_loops(listener, monkeypatch, log_stream):

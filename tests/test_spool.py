@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
+from conftest import wait_until
 
 from qc_daemon.spool import InvalidUID, Spool, StoreOutcome
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
-
-
-def _wait_for(condition, timeout_s=10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
 
 
 def _empty_files(spool: Spool) -> list:
@@ -28,7 +21,7 @@ def test_instances_go_into_files_made_ahead_which_are_refilled_and_removed_at_cl
     spool = Spool(tmp_path / "spool")
     spool.make_files_ahead(8)
     try:
-        assert _wait_for(lambda: len(_empty_files(spool)) == 8)
+        assert wait_until(lambda: len(_empty_files(spool)) == 8)
         inodes_ahead = {p.stat().st_ino for p in spool.incoming.iterdir()}
         payloads = {f"{SERIES}.{i}": os.urandom(1000 + i) for i in range(5)}  # the 5th takes the stock to half
         for uid, payload in payloads.items():
@@ -36,7 +29,7 @@ def test_instances_go_into_files_made_ahead_which_are_refilled_and_removed_at_cl
         stored = {p.stem: p for p in spool.instance_paths(SERIES)}
         assert {uid: stored[uid].read_bytes() for uid in payloads} == payloads
         assert {p.stat().st_ino for p in stored.values()} <= inodes_ahead  # written into files made ahead
-        assert _wait_for(lambda: len(_empty_files(spool)) == 8)  # refilled once half was used
+        assert wait_until(lambda: len(_empty_files(spool)) == 8)  # refilled once half was used
         assert all(p.stat().st_size == 0 for p in spool.incoming.iterdir())  # nothing written is left there
     finally:
         spool.close()
@@ -47,7 +40,7 @@ def test_files_made_ahead_removed_underneath_are_replaced(tmp_path):
     spool = Spool(tmp_path / "spool")
     spool.make_files_ahead(4)
     try:
-        assert _wait_for(lambda: len(_empty_files(spool)) == 4)
+        assert wait_until(lambda: len(_empty_files(spool)) == 4)
         spool.clean_incoming()  # what a restart does: the ready list now names files that are gone
         assert spool.store(SERIES, f"{SERIES}.1", b"instance") is StoreOutcome.NEW
         assert spool.instance_paths(SERIES)[0].read_bytes() == b"instance"
